@@ -1,0 +1,215 @@
+"""The ``fieldgate`` command line.
+
+=================================  ==========================================================
+``fieldgate run [-c FILE]``        run the gateway (default /etc/fieldgate/fieldgate.toml)
+``fieldgate demo``                 simulated devices + local stand-ins of the services, offline
+``fieldgate check-config FILE``    validate; every error as ``toml.path (line N) -> message``
+``fieldgate queue [-c FILE]``      backlog per uplink, oldest pending age, dead letters
+``fieldgate dead-letters list|replay UPLINK [-c FILE]``   inspect or requeue dead letters
+=================================  ==========================================================
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error (EX_CONFIG; the systemd
+unit does not restart on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.config import DEFAULT_CONFIG_PATH, EX_CONFIG, LoadedConfig, load_config
+from gateway.errors import ConfigError, FieldgateError
+
+
+def _config_path(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("FIELDGATE_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def _load(path: Path) -> LoadedConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{exc.source or path}: configuration is invalid:", file=sys.stderr)
+        for tpath, msg in exc.problems:
+            print(f"  {tpath} -> {msg}" if tpath else f"  {msg}", file=sys.stderr)
+        raise SystemExit(EX_CONFIG) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway import logs  # noqa: PLC0415
+    from gateway.app import Gateway  # noqa: PLC0415
+
+    loaded = _load(_config_path(args.config))
+    logs.setup(loaded.settings.log.level, loaded.settings.log.format)
+    return asyncio.run(Gateway(loaded).run())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.sandbox.demo import main as demo_main  # noqa: PLC0415
+
+    return demo_main(args)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = _config_path(args.file)
+    loaded = _load(path)
+    s = loaded.settings
+    for w in loaded.warnings:
+        print(f"warning: {w}")
+    print(f"{path}: ok ({len(s.sources)} sources, {len(s.uplinks)} uplinks)")
+    if args.probe:
+        return asyncio.run(_probe(loaded))
+    return 0
+
+
+async def _probe(loaded: LoadedConfig) -> int:
+    """One real read of each device that supports probing; prints a line per device."""
+    failures = 0
+    for src in loaded.settings.sources:
+        probe = getattr(_source_module(src.type), "probe", None)
+        if probe is None:
+            print(f"{src.name}: nothing to probe for type {src.type!r}")
+            continue
+        base = loaded.path.parent if loaded.path else Path.cwd()
+        try:
+            for line in await probe(src, base):
+                print(f"{src.name}: {line}")
+        except FieldgateError as exc:
+            failures += 1
+            print(f"{src.name}: probe failed: {exc}")
+    return 1 if failures else 0
+
+
+def _source_module(kind: str) -> Any:
+    import importlib  # noqa: PLC0415
+
+    try:
+        return importlib.import_module(f"gateway.sources.{kind}")
+    except ImportError:
+        return None
+
+
+def _open_store_readonly(loaded: LoadedConfig, *, readonly: bool = True) -> Any:
+    from gateway.store import Store  # noqa: PLC0415
+
+    s = loaded.settings
+    routes = {u.name: u.routed_series() for u in s.uplinks if u.enabled}
+    if not s.store.path.exists():
+        print(f"no store at {s.store.path} yet", file=sys.stderr)
+        raise SystemExit(1)
+    return Store.open(s.store, routes, readonly=readonly)
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    loaded = _load(_config_path(args.config))
+
+    async def go() -> dict[str, Any]:
+        store = await _open_store_readonly(loaded)
+        try:
+            return {"store": store.stats(),
+                    "uplinks": {n: store.uplink_stats(n) for n in store.uplink_names}}
+        finally:
+            await store.aclose()
+
+    out = asyncio.run(go())
+    if args.json:
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    st = out["store"]
+    print(f"store {st['path']}: {st['readings_stored']} readings, {st['bytes']} bytes in use "
+          f"(quota {st['quota_bytes']})")
+    print(f"{'uplink':<16} {'backlog':>10} {'oldest pending':>16} {'dead letters':>13} "
+          f"{'delivered':>11} {'evicted':>9}")
+    for name, u in out["uplinks"].items():
+        age = u["oldest_pending_s"]
+        age_s = "-" if age is None else _age(age)
+        print(f"{name:<16} {u['backlog']:>10} {age_s:>16} {u['dead_letters']:>13} "
+              f"{u['delivered']:>11} {u['evicted']:>9}")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    loaded = _load(_config_path(args.config))
+    try:
+        loaded.settings.uplink(args.uplink)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        store = await _open_store_readonly(loaded, readonly=args.action == "list")
+        try:
+            if args.action == "list":
+                for d in await store.dead_letters(args.uplink, limit=args.limit):
+                    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d["ts"] / 1000))
+                    print(f"{d['id']:>8} {d['series']:<24} {when} {d['value']!r:<12} {d['reason']}")
+                return 0
+            n = await store.replay_dead_letters(args.uplink)
+            print(f"{n} dead letters of {args.uplink} requeued; the running gateway sends them next")
+            return 0
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fieldgate", description="Edge gateway for field loggers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the gateway")
+    r.add_argument("-c", "--config", help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="run everything locally: simulated devices, emulated services")
+    d.add_argument("--state-dir", help="where the demo keeps its database (default: a temp dir)")
+    d.add_argument("--health-port", type=int, default=8080)
+    d.add_argument("--duration", type=float, help="stop after this many seconds")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("file", nargs="?")
+    c.add_argument("--probe", action="store_true", help="also read each device once")
+    c.set_defaults(func=cmd_check_config)
+
+    q = sub.add_parser("queue", help="backlog per uplink")
+    q.add_argument("-c", "--config")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_queue)
+
+    dl = sub.add_parser("dead-letters", help="list or replay dead letters")
+    dl.add_argument("action", choices=["list", "replay"])
+    dl.add_argument("uplink")
+    dl.add_argument("-c", "--config")
+    dl.add_argument("--limit", type=int, default=100)
+    dl.set_defaults(func=cmd_dead_letters)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 0
+    except FieldgateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The local health endpoint (aiohttp): ``/health``, ``/status``, ``/metrics``.
+
+It reads everything and changes nothing. ``/health`` answers 200 ``{"ok": true}`` when the event
+loop turns (it answered), the store accepts writes and no uplink is stuck; else 503 with the
+reasons. ``/status`` is the JSON snapshot of :meth:`gateway.app.Gateway.status`. ``/metrics`` is
+Prometheus text, built on each scrape from the same snapshot (no second set of counters to
+drift).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.config import HealthConfig
+
+log = structlog.get_logger(__name__)
+
+UPLINK_STATES = ("ok", "backing_off", "auth_failed", "paused")
+
+
+class StatusProvider(Protocol):
+    def status(self) -> dict[str, Any]: ...
+
+    def health(self) -> tuple[bool, list[str]]: ...
+
+
+class _Collector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._snapshot()
+        store = st["store"]
+        yield _counter("fieldgate_readings_captured", "Readings committed to the store",
+                       store["captured_total"])
+        yield _counter("fieldgate_store_evicted", "Readings evicted by quota or retention",
+                       store["evicted_total"])
+        yield _gauge("fieldgate_store_bytes", "Bytes of database pages in use", store["bytes"])
+        yield _gauge("fieldgate_store_quota_bytes", "Configured store quota", store["quota_bytes"])
+        yield _gauge("fieldgate_store_buffered", "Readings waiting for the next commit",
+                     store["buffered"])
+        if store["free_disk_bytes"] is not None:
+            yield _gauge("fieldgate_disk_free_bytes", "Free bytes on the store's filesystem",
+                         store["free_disk_bytes"])
+        sync = st["clock"]["synchronized"]
+        yield _gauge("fieldgate_clock_synchronized", "1 when the system clock is synchronised",
+                     1 if sync else 0)
+
+        src = st["sources"]
+        fams = {
+            "readings": CounterMetricFamily("fieldgate_source_readings", "Readings produced",
+                                            labels=["source"]),
+            "errors": CounterMetricFamily("fieldgate_source_errors", "Source faults",
+                                          labels=["source"]),
+            "rejected": CounterMetricFamily("fieldgate_source_rejected",
+                                            "Input refused by a source (damaged lines, bad values)",
+                                            labels=["source"]),
+        }
+        for name, s in src.items():
+            for key, fam in fams.items():
+                fam.add_metric([name], s.get(key, 0))
+        yield from fams.values()
+
+        up = st["uplinks"]
+        delivered = CounterMetricFamily("fieldgate_uplink_delivered", "Readings delivered",
+                                        labels=["uplink"])
+        rejected = CounterMetricFamily("fieldgate_uplink_dead_lettered",
+                                       "Readings dead-lettered with the service's reason",
+                                       labels=["uplink"])
+        evicted = CounterMetricFamily("fieldgate_uplink_evicted",
+                                      "Readings evicted before this uplink took them",
+                                      labels=["uplink"])
+        backlog = GaugeMetricFamily("fieldgate_uplink_backlog", "Readings pending",
+                                    labels=["uplink"])
+        oldest = GaugeMetricFamily("fieldgate_uplink_oldest_pending_seconds",
+                                   "Age of the oldest pending reading", labels=["uplink"])
+        dead = GaugeMetricFamily("fieldgate_uplink_dead_letters", "Dead letters kept",
+                                 labels=["uplink"])
+        state = GaugeMetricFamily("fieldgate_uplink_state", "1 for the uplink's current state",
+                                  labels=["uplink", "state"])
+        requests = CounterMetricFamily("fieldgate_uplink_requests", "Requests by outcome",
+                                       labels=["uplink", "outcome"])
+        for name, u in up.items():
+            delivered.add_metric([name], u["delivered"])
+            rejected.add_metric([name], u["rejected_total"])
+            evicted.add_metric([name], u["evicted"])
+            backlog.add_metric([name], u["backlog"])
+            oldest.add_metric([name], u["oldest_pending_s"] or 0.0)
+            dead.add_metric([name], u["dead_letters"])
+            for s in UPLINK_STATES:
+                state.add_metric([name, s], 1 if u["state"] == s else 0)
+            for outcome, n in u["requests"].items():
+                requests.add_metric([name, outcome], n)
+        yield from (delivered, rejected, evicted, backlog, oldest, dead, state, requests)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class HealthServer:
+    """Serves the three endpoints for a :class:`StatusProvider`. Async context manager."""
+
+    def __init__(self, cfg: HealthConfig, provider: StatusProvider) -> None:
+        self.cfg = cfg
+        self.provider = provider
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(provider.status))
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> int:
+        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        server = site._server  # aiohttp exposes the bound port only here
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.cfg.port
+        log.info("health_listening", url=f"http://{self.cfg.host}:{self.port}/status")
+        return self.port
+
+    async def aclose(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> HealthServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        ok, reasons = self.provider.health()
+        return web.json_response({"ok": ok, "reasons": reasons}, status=200 if ok else 503)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(self.provider.status(), default=str, indent=1),
+                            content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})

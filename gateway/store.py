@@ -1,0 +1,917 @@
+"""The SQLite store-and-forward queue: durable ingest, per-uplink delivery, dead letters, eviction.
+
+Guarantees a caller may rely on:
+
+* A reading is **captured** once the group commit holding it has committed (``await flush()``
+  or ``await ingest(..., durable=True)`` wait for that). Commits are grouped by count or by
+  ``commit_interval_ms`` so an SD card sees few, large writes.
+* Each uplink has its own delivery position: an :class:`~gateway.intervals.IntervalSet` of ids
+  that are done for it (delivered, dead-lettered, evicted, or of series not routed to it), plus
+  the ids currently leased in memory. Readings are not copied per uplink. A lease that is never
+  completed (crash, cancellation) leaves its readings pending: delivery is at least once.
+* A reading is deleted once it is done for every configured uplink, or evicted: by quota
+  (bytes of pages in use) or by retention age, oldest first, counted per uplink and logged.
+* Dead letters keep the reading, the uplink, the service's reason and the time. ``replay``
+  moves them to a per-uplink retry table that the uplink drains first (ids shown as negative).
+* A database that cannot be opened or fails its integrity check after an unclean shutdown is
+  moved aside with a timestamp and a fresh one started; the event is logged and kept in
+  :attr:`Store.events` for /status.
+
+Two aiosqlite connections: one writer (ingest, acks, eviction; transactions serialised by a
+lock) and one reader (leases, stats), so in WAL mode leasing never waits for a big commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import structlog
+
+from gateway.config import StoreConfig
+from gateway.errors import StoreCorrupt, StoreError
+from gateway.intervals import IntervalSet
+from gateway.models import Position, Reading, StoredReading, Value
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+#: Stored in ``flags`` above the public Quality bits: the value was a bool (SQLite has none).
+_BOOL_FLAG = 1 << 30
+_QUALITY_MASK = _BOOL_FLAG - 1
+#: How many separate gaps one lease may visit before it settles for what it found.
+_MAX_GAPS_PER_LEASE = 32
+#: Rows deleted per eviction or prune statement, so no transaction grows unbounded.
+_DELETE_CHUNK = 50_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
+-- ``value`` has no declared type on purpose: no affinity, so 3.0 stays REAL and '12' stays TEXT.
+CREATE TABLE IF NOT EXISTS readings (
+    id INTEGER PRIMARY KEY,
+    series INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    value,
+    flags INTEGER NOT NULL DEFAULT 0,
+    lat REAL, lon REAL, alt REAL
+);
+CREATE TABLE IF NOT EXISTS uplinks (
+    name TEXT PRIMARY KEY,
+    done TEXT NOT NULL,
+    live_mark INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    evicted INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    uplink TEXT NOT NULL,
+    series TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    value,
+    flags INTEGER NOT NULL DEFAULT 0,
+    lat REAL, lon REAL, alt REAL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_uplink ON dead_letters(uplink, id);
+CREATE TABLE IF NOT EXISTS retry (
+    id INTEGER PRIMARY KEY,
+    uplink TEXT NOT NULL,
+    series TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    value,
+    flags INTEGER NOT NULL DEFAULT 0,
+    lat REAL, lon REAL, alt REAL
+);
+CREATE INDEX IF NOT EXISTS retry_uplink ON retry(uplink, id);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value
+);
+"""
+
+_INSERT = "INSERT INTO readings (id, series, ts, value, flags, lat, lon, alt) VALUES (?,?,?,?,?,?,?,?)"
+
+
+@dataclass(slots=True)
+class Lease:
+    """Readings handed to one uplink worker. ``ranges`` are the id ranges this lease covers:
+    when completed, every id in them not reported unfinished becomes done for the uplink."""
+
+    uplink: str
+    ranges: list[tuple[int, int]]
+    items: list[StoredReading]
+
+
+@dataclass(slots=True)
+class _Cursor:
+    name: str
+    done: IntervalSet
+    live_mark: int
+    series_ids: set[int] = field(default_factory=set)
+    leased: IntervalSet = field(default_factory=IntervalSet)
+    leased_retry: set[int] = field(default_factory=set)
+    delivered: int = 0
+    rejected: int = 0
+    evicted: int = 0
+    backlog: int = 0
+    retry_pending: int = 0
+    dead_letters: int = 0
+    oldest_pending_ts: int | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    sql_in: str = "()"
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(slots=True)
+class StoreEvent:
+    at: float
+    kind: str
+    detail: str
+
+
+def _to_row(rid: int, sid: int, r: Reading) -> tuple[Any, ...]:
+    v: Value = r.value
+    flags = r.quality & _QUALITY_MASK
+    if isinstance(v, bool):
+        flags |= _BOOL_FLAG
+        v = int(v)
+    p = r.position
+    if p is None:
+        return (rid, sid, r.ts, v, flags, None, None, None)
+    return (rid, sid, r.ts, v, flags, p.lat, p.lon, p.alt)
+
+
+def _from_row(rid: int, series: str, row: Sequence[Any]) -> StoredReading:
+    ts, value, flags, lat, lon, alt = row
+    if flags & _BOOL_FLAG:
+        value = bool(value)
+    pos = Position(lat, lon, alt) if lat is not None and lon is not None else None
+    return StoredReading(rid, series, ts, value, pos, flags & _QUALITY_MASK)
+
+
+class Store:
+    """The queue. Build with :meth:`open`; run :meth:`run` as a task; close with :meth:`aclose`."""
+
+    def __init__(self, cfg: StoreConfig, routes: Mapping[str, Iterable[str]]) -> None:
+        self.cfg = cfg
+        self.path = Path(cfg.path)
+        self._routes = {name: set(series) for name, series in routes.items()}
+        self._w: aiosqlite.Connection | None = None
+        self._r: aiosqlite.Connection | None = None
+        self._wlock = asyncio.Lock()
+        self._series: dict[str, int] = {}
+        self._series_names: dict[int, str] = {}
+        self._uplinks_by_series: dict[int, list[_Cursor]] = {}
+        self._cursors: dict[str, _Cursor] = {}
+        self._max_id = 0
+        self._min_id = 1
+        self._buffer: list[Reading] = []
+        self._enqueued_rows = 0
+        self._committed_rows = 0
+        self._flush_wanted = False
+        self._commit_lock = asyncio.Lock()
+        self._maint_lock = asyncio.Lock()
+        self._has_data = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._committed = asyncio.Condition()
+        self._closed = False
+        self.readonly = False
+        self.events: list[StoreEvent] = []
+        self.captured_total = 0
+        self.evicted_total = 0
+        self.commits_total = 0
+        self.last_commit_at: float | None = None
+        self.last_commit_error: str | None = None
+        self._commit_started: float | None = None
+        self.bytes_used = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Opening and closing
+
+    @classmethod
+    async def open(
+        cls, cfg: StoreConfig, routes: Mapping[str, Iterable[str]], *, readonly: bool = False
+    ) -> Store:
+        """Open (or create) the database. Unusable files are moved aside unless ``readonly``."""
+        store = cls(cfg, routes)
+        store.readonly = readonly
+        await store._open()
+        return store
+
+    async def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.readonly:
+            problem = await asyncio.to_thread(_preflight, self.path)
+            if problem is not None:
+                self._move_aside(problem)
+        try:
+            await self._connect()
+            await self._load()
+        except sqlite3.DatabaseError as exc:
+            await self._disconnect()
+            if self.readonly:
+                raise StoreCorrupt(f"{self.path}: {exc}") from exc
+            self._move_aside(str(exc))
+            await self._connect()
+            await self._load()
+
+    async def _connect(self) -> None:
+        self._w = await aiosqlite.connect(self.path, isolation_level=None)
+        w = self._w
+        await w.execute("PRAGMA busy_timeout = 10000")
+        if not self.readonly:
+            await w.execute("PRAGMA journal_mode = WAL")
+            await w.execute(f"PRAGMA synchronous = {self.cfg.synchronous.upper()}")
+            version = await _scalar(w, "PRAGMA user_version")
+            if version == 0:
+                await w.executescript(_SCHEMA)
+                await w.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await w.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', 0)")
+        self._r = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._r.execute("PRAGMA busy_timeout = 10000")
+        await self._r.execute("PRAGMA query_only = 1")
+
+    def _move_aside(self, reason: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                shutil.move(src, Path(f"{target}{suffix}"))
+        log.error("store_moved_aside", path=str(self.path), moved_to=str(target), reason=reason)
+        self.events.append(StoreEvent(time.time(), "moved_aside", f"{target}: {reason}"))
+
+    async def _load(self) -> None:
+        r = self._read
+        async with r.execute("SELECT id, name FROM series") as cur:
+            async for sid, name in cur:
+                self._series[name] = sid
+                self._series_names[sid] = name
+        self._max_id = await _scalar(r, "SELECT coalesce(max(id), 0) FROM readings") or 0
+        self._min_id = await _scalar(r, "SELECT coalesce(min(id), 1) FROM readings") or 1
+        known: dict[str, tuple[Any, ...]] = {}
+        async with r.execute(
+            "SELECT name, done, live_mark, delivered, rejected, evicted, state FROM uplinks"
+        ) as cur:
+            async for row in cur:
+                known[row[0]] = tuple(row)
+        for name in self._routes:
+            if name in known:
+                _, done, live, dl, rj, ev, state = known[name]
+                c = _Cursor(name, IntervalSet.from_json(done), live, delivered=dl, rejected=rj,
+                            evicted=ev, state=json.loads(state))
+            else:
+                # A new uplink starts with what arrives from now on, not the stored history.
+                c = _Cursor(name, IntervalSet([(0, self._max_id)]), self._max_id)
+                if not self.readonly:
+                    await self._save_cursor(c)
+            self._cursors[name] = c
+        if not self.readonly:
+            await self._intern(sorted({s for ss in self._routes.values() for s in ss}))
+        self._rebuild_routing()
+        for c in self._cursors.values():
+            c.backlog = await self._count_backlog(c)
+        await self.refresh_stats()
+
+    async def aclose(self) -> None:
+        """Commit what is buffered, mark a clean shutdown, close. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.readonly and self._w is not None:
+                await self._commit_buffer()
+                async with self._wlock:
+                    await self._w.execute("UPDATE meta SET value = 1 WHERE key = 'clean'")
+        finally:
+            await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        for conn in (self._w, self._r):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self._w = self._r = None
+
+    @property
+    def _write(self) -> aiosqlite.Connection:
+        if self._w is None:
+            raise StoreError("store is closed")
+        return self._w
+
+    @property
+    def _read(self) -> aiosqlite.Connection:
+        if self._r is None:
+            raise StoreError("store is closed")
+        return self._r
+
+    # ------------------------------------------------------------------------------------------
+    # Series and routing
+
+    async def _intern(self, names: Iterable[str]) -> None:
+        new = [n for n in names if n not in self._series]
+        if not new:
+            return
+        async with self._wlock:
+            await self._write.executemany(
+                "INSERT OR IGNORE INTO series (name) VALUES (?)", [(n,) for n in new]
+            )
+            marks = ",".join("?" * len(new))
+            async with self._write.execute(
+                f"SELECT id, name FROM series WHERE name IN ({marks})", new
+            ) as cur:
+                async for sid, name in cur:
+                    self._series[name] = sid
+                    self._series_names[sid] = name
+        self._rebuild_routing()
+
+    def _rebuild_routing(self) -> None:
+        self._uplinks_by_series = {}
+        for name, series in self._routes.items():
+            c = self._cursors.get(name)
+            if c is None:
+                continue
+            c.series_ids = {self._series[s] for s in series if s in self._series}
+            c.sql_in = "(" + ",".join(str(i) for i in sorted(c.series_ids)) + ")"
+            for sid in c.series_ids:
+                self._uplinks_by_series.setdefault(sid, []).append(c)
+
+    # ------------------------------------------------------------------------------------------
+    # Ingest
+
+    async def ingest(self, readings: Sequence[Reading], *, durable: bool = False) -> None:
+        """Queue readings for the next group commit.
+
+        Waits only while the in-memory buffer is full (back-pressure). With ``durable`` it also
+        waits until the commit holding them is done, i.e. until they are captured.
+        """
+        if self.readonly:
+            raise StoreError("store opened read-only")
+        while len(self._buffer) >= self.cfg.buffer_max_rows:
+            self._room.clear()
+            await self._room.wait()
+        self._buffer.extend(readings)
+        self._enqueued_rows += len(readings)
+        self._has_data.set()
+        if durable:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed (needs :meth:`run` running)."""
+        target = self._enqueued_rows
+        if self._committed_rows >= target:
+            return
+        self._flush_wanted = True
+        self._has_data.set()
+        async with self._committed:
+            await self._committed.wait_for(lambda: self._committed_rows >= target)
+
+    async def run(self) -> None:
+        """The group-commit loop and periodic maintenance. Runs until cancelled."""
+        interval = self.cfg.commit_interval_ms / 1000
+        next_maint = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_maint - time.monotonic())):
+                    await self._has_data.wait()
+            if self._buffer:
+                # Group: wait for more unless the batch is already big or a flush is waiting.
+                if len(self._buffer) < self.cfg.commit_max_rows and not self._flush_wanted:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(interval):
+                            while len(self._buffer) < self.cfg.commit_max_rows:
+                                self._has_data.clear()
+                                await self._has_data.wait()
+                                if self._flush_wanted:
+                                    break
+                try:
+                    await self._commit_buffer()
+                except StoreCorrupt:
+                    raise
+                except (sqlite3.Error, OSError) as exc:
+                    self.last_commit_error = f"{type(exc).__name__}: {exc}"
+                    log.error("store_commit_failed", error=self.last_commit_error,
+                              buffered=len(self._buffer))
+                    if "full" in str(exc).lower():
+                        await self._evict_for_space()
+                    await asyncio.sleep(1.0)
+            else:
+                self._has_data.clear()
+            if time.monotonic() >= next_maint:
+                await self.maintain()
+                next_maint = time.monotonic() + 2.0
+
+    async def _commit_buffer(self) -> None:
+        async with self._commit_lock:
+            while self._buffer:
+                await self._commit_batch(self._buffer[: self.cfg.commit_max_rows])
+            self._flush_wanted = False
+
+    async def _commit_batch(self, batch: list[Reading]) -> None:
+        await self._intern({r.series for r in batch})
+        series = self._series
+        first = self._max_id + 1
+        sids = [series[r.series] for r in batch]
+        rows = [_to_row(first + i, sid, r) for i, (sid, r) in enumerate(zip(sids, batch, strict=True))]
+        self._commit_started = time.monotonic()
+        try:
+            async with self._wlock:
+                w = self._write
+                await w.execute("BEGIN IMMEDIATE")
+                try:
+                    await w.executemany(_INSERT, rows)
+                    await w.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await w.execute("ROLLBACK")
+                    raise
+        except sqlite3.DatabaseError as exc:
+            if _is_corruption(exc):
+                raise StoreCorrupt(f"{self.path}: {exc}") from exc
+            raise
+        finally:
+            self._commit_started = None
+        # Committed: these readings are captured.
+        del self._buffer[: len(batch)]
+        self._max_id = first + len(batch) - 1
+        self.captured_total += len(batch)
+        self.commits_total += 1
+        self.last_commit_at = time.time()
+        self.last_commit_error = None
+        for sid, n in Counter(sids).items():
+            for c in self._uplinks_by_series.get(sid, ()):
+                c.backlog += n
+        if len(self._buffer) < self.cfg.buffer_max_rows:
+            self._room.set()
+        async with self._committed:
+            self._committed_rows += len(batch)
+            self._committed.notify_all()
+
+    def writable(self, stall_s: float = 30.0) -> bool:
+        """False when the last commit failed or one has been running for ``stall_s``."""
+        if self.last_commit_error is not None:
+            return False
+        started = self._commit_started
+        return started is None or time.monotonic() - started < stall_s
+
+    async def wait_for_data(self, timeout: float) -> None:
+        """Return after the next commit, or after ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout), self._committed:
+                await self._committed.wait()
+
+    # ------------------------------------------------------------------------------------------
+    # Leasing and completion
+
+    async def lease(self, uplink: str, max_items: int, *, live_first: bool = True) -> Lease | None:
+        """Up to ``max_items`` pending readings for ``uplink``, or None when nothing is pending.
+
+        Order: replayed dead letters first; then, with ``live_first``, the newest readings that
+        arrived since the last lease (newest first); then the oldest pending readings. A lease
+        may come back with ranges but no items (only other uplinks' series were there): complete
+        it to move past them.
+        """
+        c = self._cursors[uplink]
+        async with c.lock:
+            return await self._lease(c, max_items, live_first)
+
+    async def _lease(self, c: _Cursor, max_items: int, live_first: bool) -> Lease | None:
+        items: list[StoredReading] = []
+        ranges: list[tuple[int, int]] = []
+        if c.retry_pending:
+            items.extend(await self._lease_retry(c, max_items))
+        top = self._max_id
+        blocked = c.done.union(c.leased)
+        room = max_items - len(items)
+        if live_first and room > 0 and top > c.live_mark:
+            gaps = list(blocked.gaps(c.live_mark + 1, top))
+            if gaps:
+                lo, hi = gaps[-1]
+                got = await self._select(c, lo, hi, room, newest=True)
+                covered_lo = got[-1].id if len(got) == room else lo
+                got.reverse()
+                items.extend(got)
+                ranges.append((covered_lo, hi))
+                blocked.add(covered_lo, hi)
+                c.live_mark = top
+                room -= len(got)
+        if room > 0:
+            for n, (lo, hi) in enumerate(blocked.gaps(self._min_id, top)):
+                if n >= _MAX_GAPS_PER_LEASE or room <= 0:
+                    break
+                got = await self._select(c, lo, hi, room, newest=False)
+                items.extend(got)
+                ranges.append((lo, got[-1].id if len(got) == room else hi))
+                room -= len(got)
+        if not items and not ranges:
+            return None
+        for lo, hi in ranges:
+            c.leased.add(lo, hi)
+        c.leased_retry.update(i.id for i in items if i.id < 0)
+        return Lease(c.name, ranges, items)
+
+    async def _select(
+        self, c: _Cursor, lo: int, hi: int, limit: int, *, newest: bool
+    ) -> list[StoredReading]:
+        if not c.series_ids:
+            return []
+        order = "DESC" if newest else "ASC"
+        sql = (
+            f"SELECT id, series, ts, value, flags, lat, lon, alt FROM readings "
+            f"WHERE id BETWEEN ? AND ? AND series IN {c.sql_in} ORDER BY id {order} LIMIT ?"
+        )
+        names = self._series_names
+        async with self._read.execute(sql, (lo, hi, limit)) as cur:
+            rows = await cur.fetchall()
+        return [_from_row(row[0], names[row[1]], row[2:]) for row in rows]
+
+    async def _lease_retry(self, c: _Cursor, limit: int) -> list[StoredReading]:
+        taken = ",".join(str(-i) for i in c.leased_retry) or "0"
+        async with self._read.execute(
+            f"SELECT id, series, ts, value, flags, lat, lon, alt FROM retry "
+            f"WHERE uplink = ? AND id NOT IN ({taken}) ORDER BY id LIMIT ?",
+            (c.name, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_from_row(-row[0], row[1], row[2:]) for row in rows]
+
+    async def complete(
+        self,
+        lease: Lease,
+        delivered: Iterable[int],
+        rejected: Mapping[int, str],
+        unfinished: Iterable[int] = (),
+    ) -> None:
+        """Record the outcome of a lease in one transaction.
+
+        ``delivered`` and ``rejected`` (id -> the service's reason; dead-lettered) are done;
+        ``unfinished`` stay pending. Everything else in the lease's ranges becomes done.
+        """
+        c = self._cursors[lease.uplink]
+        delivered = list(delivered)
+        keep = sorted(set(unfinished))
+        now_ms = int(time.time() * 1000)
+        by_id = {i.id: i for i in lease.items}
+        dead = [
+            (c.name, by_id[i].series, *(_to_row(0, 0, _as_reading(by_id[i]))[2:]), reason, now_ms)
+            for i, reason in rejected.items()
+        ]
+        retry_done = [(-i,) for i in [*delivered, *rejected] if i < 0]
+        new_done = c.done.copy()
+        for lo, hi in lease.ranges:
+            cur = lo
+            for k in keep:
+                if lo <= k <= hi:
+                    new_done.add(cur, k - 1)
+                    cur = k + 1
+            new_done.add(cur, hi)
+        positive_done = sum(1 for i in delivered if i > 0) + sum(1 for i in rejected if i > 0)
+        async with self._wlock:
+            w = self._write
+            await w.execute("BEGIN IMMEDIATE")
+            try:
+                if dead:
+                    await w.executemany(
+                        "INSERT INTO dead_letters (uplink, series, ts, value, flags, lat, lon, "
+                        "alt, reason, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        dead,
+                    )
+                if retry_done:
+                    await w.executemany("DELETE FROM retry WHERE id = ?", retry_done)
+                await w.execute(
+                    "UPDATE uplinks SET done = ?, live_mark = ?, delivered = delivered + ?, "
+                    "rejected = rejected + ? WHERE name = ?",
+                    (new_done.to_json(), c.live_mark, len(delivered), len(rejected), c.name),
+                )
+                await w.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await w.execute("ROLLBACK")
+                raise
+        c.done = new_done
+        for lo, hi in lease.ranges:
+            c.leased.remove(lo, hi)
+        c.leased_retry.difference_update(i.id for i in lease.items if i.id < 0)
+        c.delivered += len(delivered)
+        c.rejected += len(rejected)
+        c.dead_letters += len(rejected)
+        c.backlog = max(0, c.backlog - positive_done)
+        c.retry_pending = max(0, c.retry_pending - len(retry_done))
+
+    def release(self, lease: Lease) -> None:
+        """Give a lease back untouched (its readings stay pending)."""
+        c = self._cursors[lease.uplink]
+        for lo, hi in lease.ranges:
+            c.leased.remove(lo, hi)
+        c.leased_retry.difference_update(i.id for i in lease.items if i.id < 0)
+
+    # ------------------------------------------------------------------------------------------
+    # Per-uplink persisted state (rate-limit history and the like)
+
+    def uplink_state(self, uplink: str) -> dict[str, Any]:
+        return dict(self._cursors[uplink].state)
+
+    async def save_uplink_state(self, uplink: str, state: Mapping[str, Any]) -> None:
+        c = self._cursors[uplink]
+        c.state = dict(state)
+        async with self._wlock:
+            await self._write.execute(
+                "UPDATE uplinks SET state = ? WHERE name = ?", (json.dumps(c.state), uplink)
+            )
+
+    async def _save_cursor(self, c: _Cursor) -> None:
+        async with self._wlock:
+            await self._write.execute(
+                "INSERT OR REPLACE INTO uplinks (name, done, live_mark, delivered, rejected, "
+                "evicted, state) VALUES (?,?,?,?,?,?,?)",
+                (c.name, c.done.to_json(), c.live_mark, c.delivered, c.rejected, c.evicted,
+                 json.dumps(c.state)),
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Maintenance: pruning delivered readings, quota and retention eviction, stats
+
+    async def maintain(self) -> None:
+        """Prune what every uplink is done with, enforce quota and retention, refresh stats."""
+        if self.readonly:
+            return
+        async with self._maint_lock:
+            await self._prune()
+            await self._enforce_retention()
+            await self._enforce_quota()
+            await self.refresh_stats()
+
+    async def _prune(self) -> None:
+        if not self._cursors:
+            return
+        floor = min(c.done.floor for c in self._cursors.values())
+        floor = min(floor, self._max_id)
+        if floor >= self._min_id:
+            await self._delete_upto(floor)
+
+    async def _delete_upto(self, upto: int) -> None:
+        while self._min_id <= upto:
+            step = min(upto, self._min_id + _DELETE_CHUNK - 1)
+            async with self._wlock:
+                await self._write.execute("DELETE FROM readings WHERE id <= ?", (step,))
+            self._min_id = step + 1
+
+    async def _evict(self, upto: int, why: str) -> None:
+        """Drop readings with id <= ``upto`` that some uplink still needed; count per uplink."""
+        upto = min(upto, self._max_id)
+        if upto < self._min_id:
+            return
+        counts: dict[str, int] = {}
+        for c in self._cursors.values():
+            n = 0
+            for lo, hi in c.done.gaps(self._min_id, upto):
+                if c.series_ids:
+                    n += await _scalar(
+                        self._read,
+                        f"SELECT count(*) FROM readings WHERE id BETWEEN ? AND ? "
+                        f"AND series IN {c.sql_in}",
+                        (lo, hi),
+                    ) or 0
+            counts[c.name] = n
+        await self._delete_upto(upto)
+        total = 0
+        for c in self._cursors.values():
+            c.done.add(0, upto)
+            c.evicted += counts[c.name]
+            c.backlog = max(0, c.backlog - counts[c.name])
+            total += counts[c.name]
+            async with self._wlock:
+                await self._write.execute(
+                    "UPDATE uplinks SET done = ?, evicted = ? WHERE name = ?",
+                    (c.done.to_json(), c.evicted, c.name),
+                )
+        self.evicted_total += total
+        if total:
+            log.warning("store_evicted", reason=why, upto_id=upto, readings=total, per_uplink=counts)
+            self.events.append(StoreEvent(time.time(), "evicted", f"{why}: {total} readings {counts}"))
+            del self.events[:-50]
+
+    async def _enforce_retention(self) -> None:
+        cutoff = int((time.time() - self.cfg.retention_days * 86400) * 1000)
+        # The first reading (in capture order) young enough to keep; readings stamped before the
+        # clock was synchronised are never judged by their (possibly 1970) timestamp.
+        first_young = await _scalar(
+            self._read,
+            "SELECT id FROM readings WHERE ts >= ? OR (flags & 1) != 0 ORDER BY id LIMIT 1",
+            (cutoff,),
+        )
+        upto = (first_young - 1) if first_young is not None else self._max_id
+        if upto >= self._min_id:
+            await self._evict(upto, "retention")
+
+    async def _pages_in_use(self) -> int:
+        r = self._read
+        page = await _scalar(r, "PRAGMA page_size") or 4096
+        count = await _scalar(r, "PRAGMA page_count") or 0
+        free = await _scalar(r, "PRAGMA freelist_count") or 0
+        return int((count - free) * page)
+
+    async def _enforce_quota(self) -> None:
+        self.bytes_used = await self._pages_in_use()
+        if self.bytes_used <= self.cfg.quota_bytes:
+            return
+        rows = max(1, self._max_id - self._min_id + 1)
+        # Evict enough of the oldest to get back to 90% of the quota, estimated per row.
+        excess = self.bytes_used - int(self.cfg.quota_bytes * 0.9)
+        n = max(1000, int(rows * excess / max(self.bytes_used, 1)))
+        await self._evict(self._min_id + n - 1, "quota")
+        self.bytes_used = await self._pages_in_use()
+
+    async def _evict_for_space(self) -> None:
+        async with self._maint_lock:
+            rows = max(1, self._max_id - self._min_id + 1)
+            await self._evict(self._min_id + max(1000, rows // 20) - 1, "disk_full")
+
+    async def _count_backlog(self, c: _Cursor) -> int:
+        n = 0
+        if c.series_ids:
+            for lo, hi in c.done.gaps(self._min_id, self._max_id):
+                n += await _scalar(
+                    self._read,
+                    f"SELECT count(*) FROM readings WHERE id BETWEEN ? AND ? AND series IN {c.sql_in}",
+                    (lo, hi),
+                ) or 0
+        return n
+
+    async def refresh_stats(self) -> None:
+        """Re-read the small tables other processes (the CLI) may change, and oldest ages."""
+        r = self._read
+        dl: dict[str, int] = {}
+        async with r.execute("SELECT uplink, count(*) FROM dead_letters GROUP BY uplink") as cur:
+            async for name, n in cur:
+                dl[name] = n
+        rt: dict[str, int] = {}
+        async with r.execute("SELECT uplink, count(*) FROM retry GROUP BY uplink") as cur:
+            async for name, n in cur:
+                rt[name] = n
+        for c in self._cursors.values():
+            c.dead_letters = dl.get(c.name, 0)
+            c.retry_pending = rt.get(c.name, 0)
+            c.oldest_pending_ts = None
+            if c.series_ids:
+                for lo, hi in c.done.gaps(self._min_id, self._max_id):
+                    ts = await _scalar(
+                        r,
+                        f"SELECT ts FROM readings WHERE id BETWEEN ? AND ? "
+                        f"AND series IN {c.sql_in} ORDER BY id LIMIT 1",
+                        (lo, hi),
+                    )
+                    if ts is not None:
+                        c.oldest_pending_ts = ts
+                        break
+        if self.readonly:
+            self.bytes_used = await self._pages_in_use()
+
+    # ------------------------------------------------------------------------------------------
+    # Dead letters
+
+    async def dead_letters(self, uplink: str, limit: int = 100) -> list[dict[str, Any]]:
+        async with self._read.execute(
+            "SELECT id, series, ts, value, flags, reason, at FROM dead_letters "
+            "WHERE uplink = ? ORDER BY id LIMIT ?",
+            (uplink, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            {"id": i, "series": s, "ts": ts, "value": bool(v) if f & _BOOL_FLAG else v,
+             "reason": reason, "at": at}
+            for i, s, ts, v, f, reason, at in rows
+        ]
+
+    async def replay_dead_letters(self, uplink: str) -> int:
+        """Move ``uplink``'s dead letters to its retry queue; returns how many."""
+        async with self._wlock:
+            w = self._write
+            await w.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await w.execute(
+                    "INSERT INTO retry (uplink, series, ts, value, flags, lat, lon, alt) "
+                    "SELECT uplink, series, ts, value, flags, lat, lon, alt FROM dead_letters "
+                    "WHERE uplink = ? ORDER BY id",
+                    (uplink,),
+                )
+                n = cur.rowcount
+                await w.execute("DELETE FROM dead_letters WHERE uplink = ?", (uplink,))
+                await w.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await w.execute("ROLLBACK")
+                raise
+        if uplink in self._cursors:
+            self._cursors[uplink].retry_pending += n
+            self._cursors[uplink].dead_letters = 0
+        log.info("dead_letters_replayed", uplink=uplink, readings=n)
+        return n
+
+    # ------------------------------------------------------------------------------------------
+    # Status
+
+    def uplink_stats(self, uplink: str) -> dict[str, Any]:
+        c = self._cursors[uplink]
+        oldest = None
+        if c.oldest_pending_ts is not None and c.backlog:
+            oldest = max(0.0, time.time() - c.oldest_pending_ts / 1000)
+        return {
+            "delivered": c.delivered,
+            "dead_letters": c.dead_letters,
+            "rejected_total": c.rejected,
+            "evicted": c.evicted,
+            "backlog": c.backlog + c.retry_pending,
+            "oldest_pending_s": oldest,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            st = os.statvfs(self.path.parent)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = None
+        return {
+            "path": str(self.path),
+            "bytes": self.bytes_used,
+            "quota_bytes": self.cfg.quota_bytes,
+            "free_disk_bytes": free,
+            "readings_stored": max(0, self._max_id - self._min_id + 1),
+            "captured_total": self.captured_total,
+            "evicted_total": self.evicted_total,
+            "buffered": len(self._buffer),
+            "commits_total": self.commits_total,
+            "last_commit_at": self.last_commit_at,
+            "last_commit_error": self.last_commit_error,
+            "events": [{"at": e.at, "kind": e.kind, "detail": e.detail} for e in self.events[-10:]],
+        }
+
+    @property
+    def uplink_names(self) -> list[str]:
+        return list(self._cursors)
+
+
+def _as_reading(s: StoredReading) -> Reading:
+    return Reading(s.series, s.ts, s.value, s.position, s.quality)
+
+
+async def _scalar(conn: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -> Any:
+    async with conn.execute(sql, args) as cur:
+        row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in str(exc)
+
+
+def _preflight(path: Path) -> str | None:
+    """Why the database at ``path`` cannot be used, or None. Runs in a thread at open.
+
+    A full integrity check runs only when the previous run did not shut down cleanly (a power
+    cut or kill), which is when a torn file is possible; otherwise the header and schema are read.
+    """
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        return f"cannot open: {exc}"
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if version == 0 and tables:
+            return "not a fieldgate database (unknown tables, no schema version)"
+        if version > SCHEMA_VERSION:
+            return f"schema version {version} is newer than this fieldgate ({SCHEMA_VERSION})"
+        if version == 0:
+            return None
+        clean = conn.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone()
+        if clean is None or not clean[0]:
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                return f"integrity check failed: {result}"
+        return None
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    finally:
+        conn.close()

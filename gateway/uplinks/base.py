@@ -1,0 +1,99 @@
+"""The uplink contract: what every service plugin implements, and what it returns.
+
+An uplink turns a batch of :class:`~gateway.models.StoredReading` (all sharing one grouping key)
+into the service's request and classifies the answer per item. Everything that is the same for
+every service (leasing from the store, batching, rate limiting, backoff, bisection, dead letters,
+state) lives once in :mod:`gateway.uplinks.dispatch`; a plugin never retries or sleeps on its own.
+
+Outcomes (DESIGN.md): a :class:`SendResult` lists the ids the service took (``delivered``) and the
+ids it refused for good with its reason (``rejected``). Every other item of the batch shares
+``failure``: transient (retry the same items after backoff), auth (keep everything, retry slowly),
+too_large (split, lower the batch size), or rejected-unidentified (the service refused some item
+but did not say which: the dispatcher bisects). A 300/moved answer is followed inside the plugin,
+which reports it in ``moved_to`` so the change is logged and shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from gateway.models import StoredReading
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"
+    AUTH = "auth"
+    REJECTED = "rejected"
+    TOO_LARGE = "too_large"
+    MOVED = "moved"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why the items of a batch that were neither delivered nor rejected were not sent.
+
+    ``outcome`` is TRANSIENT, AUTH, TOO_LARGE or REJECTED (REJECTED here means: the service
+    refused at least one of these items without naming it; the dispatcher bisects to find it and
+    dead-letters it with ``message``). ``retry_after`` is the service's own hint in seconds.
+    """
+
+    outcome: Outcome
+    message: str
+    retry_after: float | None = None
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """Per-item result of one send. Ids in neither list share ``failure`` (or are retried)."""
+
+    delivered: Sequence[int] = ()
+    rejected: Mapping[int, str] = field(default_factory=dict)
+    failure: Failure | None = None
+    moved_to: str | None = None
+
+    @classmethod
+    def all_delivered(cls, batch: Sequence[StoredReading]) -> SendResult:
+        return cls(delivered=[r.id for r in batch])
+
+    @classmethod
+    def failed(
+        cls,
+        outcome: Outcome,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ) -> SendResult:
+        return cls(failure=Failure(outcome, message, retry_after, status))
+
+
+@runtime_checkable
+class Uplink(Protocol):
+    """A service plugin. Built from its config section by ``gateway.app``.
+
+    ``routes`` names the series this uplink takes (exact series names); the store only leases
+    those to it. ``check`` refuses an item locally before any request (the reason is dead-lettered
+    without spending the service's quota). ``group_key`` puts items that may share one request
+    together (None: any item goes with any other). ``item_size`` estimates encoded bytes so
+    batches respect the service's body limit.
+    """
+
+    name: str
+
+    @property
+    def routes(self) -> Mapping[str, object]: ...
+
+    def check(self, item: StoredReading) -> str | None: ...
+
+    def group_key(self, item: StoredReading) -> Hashable: ...
+
+    def item_size(self, item: StoredReading) -> int: ...
+
+    async def send(self, batch: Sequence[StoredReading]) -> SendResult: ...
+
+    async def aclose(self) -> None: ...

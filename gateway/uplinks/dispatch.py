@@ -1,0 +1,255 @@
+"""The delivery machinery every uplink shares, written once.
+
+An :class:`UplinkRunner` owns one uplink plugin. Its workers (``concurrency`` of them) loop:
+lease pending readings from the store, refuse locally what the plugin's ``check`` refuses
+(dead-lettered without spending quota), group by the plugin's ``group_key``, cut batches by
+count and bytes, wait for the rate limiter, send, and act on the outcome per item:
+
+============  =====================================================================
+delivered     done; backoff reset; state ``ok``
+rejected      dead-lettered with the service's reason; the rest of the batch goes on
+transient     kept; back off (the service's Retry-After wins); state ``backing_off``
+auth          kept; wait ``auth_retry_s``; state ``auth_failed``
+too_large     split in halves and lower the uplink's batch size; a single item is rejected
+rejected, unidentified   bisect until the refused item is alone, then dead-letter it
+============  =====================================================================
+
+A lease is completed in one store transaction: what was delivered or rejected is done, the rest
+stays pending. Cancellation (shutdown) abandons the lease: its readings stay pending and are
+sent again after restart (at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Hashable, Sequence
+from enum import StrEnum
+from typing import Any
+
+import structlog
+
+from gateway.backoff import Backoff
+from gateway.config import UplinkConfigBase
+from gateway.models import StoredReading
+from gateway.store import Lease, Store
+from gateway.uplinks.base import Failure, Outcome, SendResult, Uplink
+from gateway.uplinks.ratelimit import RateLimiter
+
+log = structlog.get_logger(__name__)
+
+#: Longest Retry-After honoured as given; a larger hint is capped (and still backs off).
+MAX_RETRY_AFTER_S = 3600.0
+
+
+class UplinkState(StrEnum):
+    OK = "ok"
+    BACKING_OFF = "backing_off"
+    AUTH_FAILED = "auth_failed"
+    PAUSED = "paused"
+
+
+class UplinkRunner:
+    """Drives one uplink plugin against the store. Run :meth:`run` as a task."""
+
+    def __init__(self, uplink: Uplink, cfg: UplinkConfigBase, store: Store) -> None:
+        self.uplink = uplink
+        self.cfg = cfg
+        self.store = store
+        self.name = cfg.name
+        saved = store.uplink_state(self.name)
+        self.limiter = RateLimiter(
+            cfg.rate_limit_requests,
+            cfg.rate_limit_period_s,
+            history=saved.get("sent", []),
+            persist=self._persist_sends,
+        )
+        self.backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        self.batch_limit = cfg.batch_max_items
+        self.state = UplinkState.OK
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_delivery_at: float | None = None
+        self.moved_to: str | None = None
+        self.started_at = time.time()
+        self.requests: dict[str, int] = {o.value: 0 for o in Outcome}
+        self._resume_at = 0.0  # monotonic
+
+    # ------------------------------------------------------------------------------------------
+
+    async def _persist_sends(self, sent: list[float]) -> None:
+        state = self.store.uplink_state(self.name)
+        state["sent"] = sent
+        await self.store.save_uplink_state(self.name, state)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for i in range(self.cfg.concurrency):
+                tg.create_task(self._worker(), name=f"uplink:{self.name}:{i}")
+
+    async def _worker(self) -> None:
+        live_first = self.cfg.order == "live_first"
+        while True:
+            while (wait := self._resume_at - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            lease = await self.store.lease(self.name, self.batch_limit, live_first=live_first)
+            if lease is None:
+                await self.store.wait_for_data(timeout=2.0)
+                continue
+            if not lease.items:
+                await self.store.complete(lease, (), {})
+                continue
+            try:
+                await self.process(lease)
+            except BaseException:
+                self.store.release(lease)
+                raise
+
+    # ------------------------------------------------------------------------------------------
+
+    async def process(self, lease: Lease) -> None:
+        """Send one lease and record every item's outcome."""
+        rejected: dict[int, str] = {}
+        items: list[StoredReading] = []
+        for it in lease.items:
+            reason = self.uplink.check(it)
+            if reason is None:
+                items.append(it)
+            else:
+                rejected[it.id] = reason
+        delivered: list[int] = []
+        unfinished: list[int] = []
+        queue: deque[list[StoredReading]] = deque(self._chunks(items))
+        while queue:
+            chunk = queue.popleft()
+            await self.limiter.acquire()
+            result = await self._send(chunk)
+            self._note_moved(result)
+            delivered.extend(result.delivered)
+            rejected.update(result.rejected)
+            done = set(result.delivered) | set(result.rejected)
+            rest = [i for i in chunk if i.id not in done]
+            if result.delivered:
+                self._on_success()
+            if not rest:
+                self.requests[Outcome.DELIVERED] += 1
+                continue
+            failure = result.failure or Failure(
+                Outcome.TRANSIENT, f"service did not account for {len(rest)} readings"
+            )
+            self.requests[failure.outcome] += 1
+            if failure.outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
+                if len(rest) == 1:
+                    rejected[rest[0].id] = failure.message
+                    continue
+                half = len(rest) // 2
+                queue.appendleft(rest[half:])
+                queue.appendleft(rest[:half])
+                if failure.outcome is Outcome.TOO_LARGE and self.batch_limit > half:
+                    self.batch_limit = max(1, half)
+                    log.warning("uplink_batch_lowered", uplink=self.name, batch_max_items=half,
+                                reason=failure.message)
+                continue
+            # Transient or auth: keep this chunk and everything not yet sent.
+            unfinished.extend(i.id for i in rest)
+            for c in queue:
+                unfinished.extend(i.id for i in c)
+            queue.clear()
+            self._on_failure(failure)
+        await self.store.complete(lease, delivered, rejected, unfinished)
+        if rejected:
+            first = next(iter(rejected.values()))
+            log.warning("readings_dead_lettered", uplink=self.name, readings=len(rejected),
+                        reason=first)
+
+    def _chunks(self, items: Sequence[StoredReading]) -> list[list[StoredReading]]:
+        groups: dict[Hashable, list[StoredReading]] = {}
+        for it in items:
+            groups.setdefault(self.uplink.group_key(it), []).append(it)
+        out: list[list[StoredReading]] = []
+        limit, max_bytes = self.batch_limit, self.cfg.batch_max_bytes
+        for group in groups.values():
+            cur: list[StoredReading] = []
+            size = 0
+            for it in group:
+                n = self.uplink.item_size(it)
+                if cur and (len(cur) >= limit or size + n > max_bytes):
+                    out.append(cur)
+                    cur, size = [], 0
+                cur.append(it)
+                size += n
+            if cur:
+                out.append(cur)
+        return out
+
+    async def _send(self, chunk: list[StoredReading]) -> SendResult:
+        # The plugin applies its own per-phase timeouts; this guard catches one that forgot.
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s * 3):
+                return await self.uplink.send(chunk)
+        except TimeoutError:
+            return SendResult.failed(Outcome.TRANSIENT, "send timed out")
+        except Exception as exc:  # a plugin bug must not lose data or kill the uplink
+            log.exception("uplink_send_crashed", uplink=self.name)
+            return SendResult.failed(Outcome.TRANSIENT, f"send failed: {type(exc).__name__}")
+
+    # ------------------------------------------------------------------------------------------
+    # State
+
+    def _on_success(self) -> None:
+        self.last_delivery_at = time.time()
+        self.backoff.reset()
+        if self.state is not UplinkState.OK:
+            log.info("uplink_recovered", uplink=self.name, was=self.state.value)
+            self.state = UplinkState.OK
+
+    def _on_failure(self, failure: Failure) -> None:
+        self.last_error = failure.message
+        self.last_error_at = time.time()
+        if failure.outcome is Outcome.AUTH:
+            delay = self.cfg.auth_retry_s
+            new_state = UplinkState.AUTH_FAILED
+        else:
+            delay = self.backoff.next()
+            if failure.retry_after is not None:
+                delay = min(max(failure.retry_after, 0.0), MAX_RETRY_AFTER_S)
+                self.limiter.pause_until(time.time() + delay)
+            new_state = UplinkState.BACKING_OFF
+        self._resume_at = time.monotonic() + delay
+        event = "uplink_failed" if self.state is not new_state else "uplink_still_failing"
+        level = log.warning if event == "uplink_failed" else log.debug
+        level(event, uplink=self.name, state=new_state.value, outcome=failure.outcome.value,
+              status=failure.status, error=failure.message, retry_in_s=round(delay, 2))
+        self.state = new_state
+
+    def _note_moved(self, result: SendResult) -> None:
+        if result.moved_to and result.moved_to != self.moved_to:
+            log.warning("uplink_moved", uplink=self.name, endpoint=result.moved_to)
+            self.moved_to = result.moved_to
+
+    def resume_now(self) -> None:
+        """Forget the current backoff (used by tests and an operator's nudge)."""
+        self._resume_at = 0.0
+
+    def stuck(self, after_s: float) -> bool:
+        """Pending readings and no delivery for ``after_s`` seconds."""
+        stats = self.store.uplink_stats(self.name)
+        if not stats["backlog"]:
+            return False
+        since = self.last_delivery_at or self.started_at
+        return time.time() - since > after_s
+
+    def status(self) -> dict[str, Any]:
+        stats = self.store.uplink_stats(self.name)
+        return {
+            "state": self.state.value,
+            **stats,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "last_delivery_at": self.last_delivery_at,
+            "retry_in_s": max(0.0, round(self._resume_at - time.monotonic(), 3)),
+            "batch_max_items": self.batch_limit,
+            "requests": dict(self.requests),
+            "moved_to": self.moved_to,
+        }

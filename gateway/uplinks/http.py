@@ -1,0 +1,96 @@
+"""What the HTTP uplinks share: one way to build a client, call a service and classify the answer.
+
+Every httpx error is translated here into a transient :class:`~gateway.uplinks.base.SendResult`
+(no exception crosses into the dispatcher, no request header, so no token, reaches a message).
+Status codes map to DESIGN.md's outcome classes; a plugin looks at the body only where its
+service puts per-item results there.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ssl
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway.uplinks.base import Outcome, SendResult
+
+if TYPE_CHECKING:
+    import httpx
+
+#: Longest service error text kept in a dead letter or status line.
+MAX_REASON = 500
+
+
+def make_client(
+    timeout_s: float, *, verify: bool = True, ca_file: Path | None = None
+) -> httpx.AsyncClient:
+    """An AsyncClient with explicit per-phase timeouts and TLS verification on by default."""
+    import httpx  # noqa: PLC0415 - kept off the config-loading import path
+
+    tls: ssl.SSLContext | bool
+    if not verify:
+        tls = False
+    else:
+        tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
+    return httpx.AsyncClient(
+        timeout=timeout,
+        verify=tls,
+        follow_redirects=False,
+        headers={"User-Agent": "fieldgate/0.1"},
+        limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
+    )
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    raw = raw.strip()
+    if raw.isdigit():
+        return float(raw)
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def reason_text(response: httpx.Response) -> str:
+    text = response.text.strip().replace("\n", " ")
+    return f"HTTP {response.status_code}: {text[:MAX_REASON]}" if text else f"HTTP {response.status_code}"
+
+
+def classify(response: httpx.Response) -> SendResult:
+    """The outcome of a non-success answer, by status code alone."""
+    code = response.status_code
+    msg = reason_text(response)
+    if code in (401, 403):
+        return SendResult.failed(Outcome.AUTH, msg, status=code)
+    if code == 413:
+        return SendResult.failed(Outcome.TOO_LARGE, msg, status=code)
+    if code in (408, 425, 429) or code >= 500:
+        return SendResult.failed(
+            Outcome.TRANSIENT, msg, retry_after=retry_after(response.headers), status=code
+        )
+    if code in (400, 422):
+        return SendResult.failed(Outcome.REJECTED, msg, status=code)
+    # 404, 405, 409 ...: a wrong URL or a service change. Nothing the data did: keep it.
+    return SendResult.failed(Outcome.TRANSIENT, msg, status=code)
+
+
+def transport_failure(exc: Exception) -> SendResult:
+    """A network-level failure (refused, reset, timeout, TLS) as a transient result."""
+    import httpx  # noqa: PLC0415
+
+    if isinstance(exc, httpx.TimeoutException):
+        kind = "timeout"
+    elif isinstance(exc, httpx.ConnectError):
+        kind = "connect failed"
+    else:
+        kind = "transport error"
+    # The exception text names host and port but never headers; keep it short.
+    return SendResult.failed(Outcome.TRANSIENT, f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")

@@ -1,0 +1,36 @@
+"""Shared fixtures. The autouse guard fails any test that leaves tasks or threads behind."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    # aiosqlite and executor threads finish right after close; give them a moment to join.
+    leaked = []
+    for t in set(threading.enumerate()) - before:
+        if t.name.startswith("asyncio_"):
+            continue  # the loop's default executor; shut down with the loop itself
+        t.join(timeout=5)
+        if t.is_alive():
+            leaked.append(t.name)
+    assert not leaked, f"test left threads running: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+async def _no_leaked_tasks() -> AsyncIterator[None]:
+    yield
+    current = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    assert not pending, f"test left tasks running: {[t.get_name() for t in pending]}"

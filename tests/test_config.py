@@ -1,0 +1,178 @@
+"""Config loading: every error named by its TOML path and line; secrets by reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import EX_CONFIG, KNOWN_SECRETS, load_config, load_config_text, locate
+from gateway.errors import ConfigError
+
+GOOD = """
+[store]
+path = "{tmp}/q.db"
+
+[[sources]]
+name = "tank"
+type = "synthetic"
+[[sources.series]]
+name = "tank1.level"
+
+[[uplinks]]
+name = "qatium"
+type = "qatium"
+url = "http://127.0.0.1:1/ingest"
+token = {{ file = "{tmp}/token" }}
+[[uplinks.routes]]
+series = "tank1.level"
+asset = "T1"
+metric = "level"
+unit = "m"
+"""
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> str:
+    (tmp_path / "token").write_text("s3cr3t-token-value\n")
+    (tmp_path / "token").chmod(0o600)
+    return GOOD.format(tmp=tmp_path)
+
+
+def problems(text: str) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text)
+    return info.value.problems
+
+
+def test_good_config_loads_and_resolves_the_secret_masked(good: str) -> None:
+    loaded = load_config_text(good)
+    secret = loaded.secret("uplinks[0].token")
+    assert secret.reveal() == "s3cr3t-token-value"
+    assert "s3cr3t" not in repr(secret) and "s3cr3t" not in str(secret)
+    assert "s3cr3t" not in repr(loaded.settings)
+    assert "s3cr3t-token-value" in KNOWN_SECRETS
+    assert loaded.warnings == []
+
+
+def test_every_error_is_listed_with_path_and_line(good: str) -> None:
+    text = good.replace('unit = "m"', 'unit = "bar"\ncolour = "blue"').replace(
+        "[store]", "[store]\nquota_bytes = \"lots\""
+    )
+    got = problems(text)
+    lines = text.splitlines()
+    by_path = {p.split(" (line")[0]: p for p, _ in got}
+    assert set(by_path) == {"store.quota_bytes", "uplinks[0].routes[0].unit",
+                            "uplinks[0].routes[0].colour"}
+    for path, shown in by_path.items():
+        line = int(shown.split("(line ")[1].rstrip(")"))
+        assert path.rsplit(".", 1)[-1] in lines[line - 1]
+    msgs = dict(got)
+    assert msgs[by_path["uplinks[0].routes[0].colour"]] == "unknown key"
+    assert "not valid for metric 'level'" in msgs[by_path["uplinks[0].routes[0].unit"]]
+
+
+def test_missing_secret_file_is_an_error_naming_the_place(good: str, tmp_path: Path) -> None:
+    (tmp_path / "token").unlink()
+    [(path, msg)] = problems(good)
+    assert path.startswith("uplinks[0].token (line ")
+    assert "does not exist" in msg
+
+
+def test_env_secret_and_missing_env(good: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = good.replace('token = {', 'token = { env = "QT_TOKEN" } #')
+    monkeypatch.delenv("QT_TOKEN", raising=False)
+    [(path, msg)] = problems(text)
+    assert path.startswith("uplinks[0].token") and "QT_TOKEN" in msg
+    monkeypatch.setenv("QT_TOKEN", "from-the-environment")
+    assert load_config_text(text).secret("uplinks[0].token").reveal() == "from-the-environment"
+
+
+def test_plain_text_secret_needs_insisting_and_warns(good: str) -> None:
+    text = good.replace('token = {', 'token = { value = "abcd1234" } #')
+    [(path, msg)] = problems(text)
+    assert "plain_text = true" in msg
+    text = good.replace('token = {', 'token = { value = "abcd1234", plain_text = true } #')
+    loaded = load_config_text(text)
+    assert any("plain text" in w for w in loaded.warnings)
+
+
+def test_world_readable_secret_file_warns(good: str, tmp_path: Path) -> None:
+    (tmp_path / "token").chmod(0o644)
+    assert any("readable by other users" in w for w in load_config_text(good).warnings)
+
+
+def test_syntax_error_names_the_line() -> None:
+    [(path, msg)] = problems("[store\npath = 1\n")
+    assert path == "" and "line 1" in msg
+
+
+def test_unknown_type_and_duplicate_names(good: str) -> None:
+    assert "unknown type 'qatum'" in problems(good.replace('type = "qatium"', 'type = "qatum"'))[0][1]
+    doubled = good + good[good.index("[[uplinks]]"):]
+    [(path, msg)] = problems(doubled)
+    assert path.startswith("uplinks") and "repeated: qatium" in msg
+
+
+def test_route_to_unknown_series_warns_and_unknown_gps_source_errors(good: str) -> None:
+    text = good.replace('series = "tank1.level"\nasset', 'series = "tank9.level"\nasset')
+    assert any("tank9.level" in w for w in load_config_text(text).warnings)
+    text = good.replace('type = "synthetic"', 'type = "synthetic"\nposition_from = "gps9"')
+    [(path, msg)] = problems(text)
+    assert path.startswith("sources[0].position_from") and "gps9" in msg
+
+
+def test_status_metric_takes_no_unit(good: str) -> None:
+    text = good.replace('metric = "level"\nunit = "m"', 'metric = "status"\nunit = "m"')
+    assert "takes no unit" in problems(text)[0][1]
+    text = good.replace('metric = "level"\nunit = "m"', 'metric = "status"')
+    assert load_config_text(text).settings.uplinks[0].routes[0].unit == ""
+
+
+def test_environment_overrides_a_value(good: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FIELDGATE_HEALTH__PORT", "9123")
+    assert load_config_text(good).settings.health.port == 9123
+
+
+def test_locate_finds_nested_array_tables() -> None:
+    text = "[[a]]\nx = 1\n[[a.b]]\ny = 2\n[[a]]\nx = 3\n[[a.b]]\ny = 4\n[[a.b]]\ny = 5\n"
+    assert locate(text, "a[1].b[1].y") == 10
+    assert locate(text, "a[0].b[0].y") == 4
+    assert locate(text, "a[1].x") == 6
+    assert locate(text, "a[1].b[0].zz") == 7
+
+
+def test_samples_and_example_configs_all_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = Path(__file__).resolve().parents[1] / "config"
+    files = sorted(root.glob("*.toml")) + sorted((root / "samples").glob("*.toml"))
+    assert files, "config/ holds the example and demo configs"
+    for f in files:
+        # Secrets referenced by the examples are provided the way an operator would.
+        creds = tmp_path / "creds"
+        creds.mkdir(exist_ok=True)
+        for name in ("qatium", "energydata", "nilu", "datacooee", "vanda", "vanda_secret"):
+            (creds / name).write_text("example-secret\n")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+        monkeypatch.setenv("FIELDGATE_DEMO_QATIUM_TOKEN", "demo")
+        try:
+            load_config(f)
+        except ConfigError as exc:
+            pytest.fail(f"{f.name} does not load:\n{exc}")
+
+
+def test_check_config_cli_exits_78_with_errors_on_stderr(tmp_path: Path, good: str) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.replace('unit = "m"', 'unit = "m"\nbogus = 1'))
+    proc = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(bad)],
+                          capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == EX_CONFIG
+    assert "uplinks[0].routes[0].bogus (line" in proc.stderr
+    good_file = tmp_path / "good.toml"
+    good_file.write_text(good)
+    proc = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(good_file)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "s3cr3t" not in proc.stdout + proc.stderr
