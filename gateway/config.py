@@ -23,290 +23,52 @@ only pydantic.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
 
+from gateway.configbase import (  # re-exported: the config API in one place
+    KNOWN_SECRETS,
+    NAME_PATTERN,
+    HealthConfig,
+    LogConfig,
+    PositionConfig,
+    RouteBase,
+    Secret,
+    SecretRef,
+    SourceConfigBase,
+    StoreConfig,
+    Strict,
+    SyntheticSeries,
+    SyntheticSourceConfig,
+    UplinkConfigBase,
+    world_readable,
+)
+
+__all__ = [
+    "KNOWN_SECRETS", "NAME_PATTERN", "HealthConfig", "LoadedConfig", "LogConfig",
+    "PositionConfig", "RouteBase", "Secret", "SecretRef", "Settings", "SourceConfig",
+    "SourceConfigBase", "StoreConfig", "Strict", "SyntheticSeries", "SyntheticSourceConfig",
+    "UplinkConfig", "UplinkConfigBase", "load_config", "load_config_text", "locate",
+    "world_readable",
+]
+
 DEFAULT_CONFIG_PATH = Path("/etc/fieldgate/fieldgate.toml")
 EX_CONFIG = 78
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
-
-
-class Strict(BaseModel):
-    """Base of every config model: unknown keys are errors, values are not coerced loosely."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Secrets
-
-
-class Secret:
-    """A resolved secret value. ``str()``/``repr()`` never show it; ``reveal()`` does."""
-
-    __slots__ = ("_value", "origin")
-
-    def __init__(self, value: str, origin: str) -> None:
-        self._value = value
-        self.origin = origin
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"Secret({self.origin})"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-#: Every secret value resolved in this process; gateway.logs masks them in every log event.
-KNOWN_SECRETS: set[str] = set()
-
-
-class SecretRef(Strict):
-    """Where a secret lives. Exactly one of credential, file, env or value."""
-
-    credential: str | None = None
-    file: Path | None = None
-    env: str | None = None
-    value: str | None = Field(default=None, repr=False)
-    plain_text: bool = False
-
-    @model_validator(mode="after")
-    def _one_source(self) -> SecretRef:
-        given = [k for k in ("credential", "file", "env", "value") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of credential, file, env or value")
-        if self.value is not None and not self.plain_text:
-            raise ValueError(
-                "a secret in plain text needs plain_text = true; prefer credential, file or env"
-            )
-        return self
-
-    def resolve(self) -> Secret:
-        """Read the secret now. Raises ValueError naming the place (never the value)."""
-        if self.value is not None:
-            return _register(Secret(self.value, "plain text in config"))
-        if self.env is not None:
-            v = os.environ.get(self.env)
-            if not v:
-                raise ValueError(f"environment variable {self.env} is not set or empty")
-            return _register(Secret(v, f"env {self.env}"))
-        if self.credential is not None:
-            base = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not base:
-                raise ValueError(
-                    f"credential {self.credential!r} needs $CREDENTIALS_DIRECTORY "
-                    "(systemd LoadCredential=); outside systemd use file or env"
-                )
-            path = Path(base) / self.credential
-        else:
-            assert self.file is not None
-            path = self.file
-        try:
-            v = path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise ValueError(f"secret file {path} does not exist") from None
-        except OSError as exc:
-            raise ValueError(f"secret file {path} cannot be read: {exc.strerror}") from None
-        if not v:
-            raise ValueError(f"secret file {path} is empty")
-        return _register(Secret(v, f"file {path}"))
-
-
-def _register(secret: Secret) -> Secret:
-    if len(secret.reveal()) >= 4:  # masking 1-3 character strings would mangle every log line
-        KNOWN_SECRETS.add(secret.reveal())
-    return secret
-
-
-def world_readable(path: Path) -> bool:
-    """True when other users may read ``path`` (the gateway warns about secrets kept so)."""
-    try:
-        return bool(path.stat().st_mode & stat.S_IROTH)
-    except OSError:
-        return False
-
-
-# ----------------------------------------------------------------------------------------------
-# Core sections
-
-
-class StoreConfig(Strict):
-    """``[store]``: the SQLite store-and-forward queue."""
-
-    path: Path = Field(
-        default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "/var/lib/fieldgate"))
-        / "fieldgate.db"
-    )
-    #: Disk quota for the database (bytes in use by pages); the oldest readings are evicted past it.
-    quota_bytes: int = Field(default=1 << 30, ge=1 << 20)
-    #: Readings older than this (by timestamp) are evicted even when the quota is not reached.
-    retention_days: float = Field(default=30.0, gt=0)
-    #: Group commit: a batch is committed after this long or this many rows, whichever is first.
-    commit_interval_ms: int = Field(default=250, ge=1, le=10_000)
-    commit_max_rows: int = Field(default=20_000, ge=1, le=1_000_000)
-    #: Readings held in memory awaiting commit before sources are made to wait.
-    buffer_max_rows: int = Field(default=200_000, ge=1000)
-    #: SQLite synchronous level in WAL mode. "full" fsyncs every (grouped) commit, so a captured
-    #: reading survives a power cut; "normal" may lose the last commits on power loss, never
-    #: corrupting the file. See README "Durability".
-    synchronous: Literal["full", "normal"] = "full"
-
-
-class HealthConfig(Strict):
-    """``[health]``: the local HTTP endpoint (/health, /status, /metrics)."""
-
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    #: An uplink with backlog and no delivery for this long makes /health answer 503.
-    stuck_after_s: float = Field(default=3600.0, gt=0)
-
-
-class LogConfig(Strict):
-    """``[log]``: structlog output. "auto" is key=value on a terminal, JSON lines otherwise."""
-
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
-
-
-# ----------------------------------------------------------------------------------------------
-# Sources
-
-
-class PositionConfig(Strict):
-    lat: float = Field(ge=-90, le=90)
-    lon: float = Field(ge=-180, le=180)
-    alt: float | None = None
-
-
-class SourceConfigBase(Strict):
-    """Fields every ``[[sources]]`` entry has. Plugins subclass it with ``type: Literal[...]``."""
-
-    name: str = Field(pattern=NAME_PATTERN)
-    enabled: bool = True
-    #: Fixed position attached to every reading of this source.
-    position: PositionConfig | None = None
-    #: Name of a GPS source whose latest fix is attached to this source's readings (overrides
-    #: ``position`` while there is a fix).
-    position_from: str | None = None
-
-    def series_names(self) -> Iterable[str] | None:
-        """The series this source produces, when known from config (None: discovered at run time)."""
-        return None
-
-
-class SyntheticSeries(Strict):
-    name: str = Field(min_length=1, max_length=200)
-    waveform: Literal["sine", "random_walk", "sawtooth", "counter", "constant", "square"] = "sine"
-    min: float = 0.0
-    max: float = 1.0
-    period_s: float = Field(default=600.0, gt=0)
-    #: Largest step of a random walk, as a fraction of (max - min).
-    step: float = Field(default=0.02, gt=0, le=1)
-    decimals: int | None = Field(default=3, ge=0, le=12)
-
-    @model_validator(mode="after")
-    def _range(self) -> SyntheticSeries:
-        if self.max < self.min:
-            raise ValueError("max must not be below min")
-        return self
-
-
-class SyntheticSourceConfig(SourceConfigBase):
-    """A generator of plausible values, for the demo and benchmarks."""
-
-    type: Literal["synthetic"]
-    interval_s: float = Field(default=1.0, gt=0)
-    series: list[SyntheticSeries] = Field(min_length=1)
-    #: Replicate every series N times (name suffixed ``.1`` .. ``.N``), for load tests.
-    replicas: int = Field(default=1, ge=1, le=100_000)
-    seed: int | None = None
-
-    def series_names(self) -> Iterable[str]:
-        for s in self.series:
-            if self.replicas == 1:
-                yield s.name
-            else:
-                for i in range(1, self.replicas + 1):
-                    yield f"{s.name}.{i}"
-
-
 SourceConfig = Annotated[SyntheticSourceConfig, Field(discriminator="type")]
-
-
-# ----------------------------------------------------------------------------------------------
-# Uplinks
-
-
-class RouteBase(Strict):
-    """One series sent to one uplink; plugins add the service's identifiers for it."""
-
-    series: str = Field(min_length=1, max_length=200)
-
-
-class UplinkConfigBase(Strict):
-    """Fields every ``[[uplinks]]`` entry has: the shared delivery machinery's knobs.
-
-    Defaults are conservative; each plugin overrides the ones its service documents.
-    """
-
-    name: str = Field(pattern=NAME_PATTERN)
-    enabled: bool = True
-    #: "live_first": after an outage the newest readings go first and the backlog drains behind
-    #: them with what quota remains. "oldest_first": strictly in capture order.
-    order: Literal["live_first", "oldest_first"] = "live_first"
-    batch_max_items: int = Field(default=1000, ge=1, le=1_000_000)
-    batch_max_bytes: int = Field(default=1 << 20, ge=256)
-    #: At most this many requests in any window of ``rate_limit_period_s`` (0: unlimited).
-    rate_limit_requests: int = Field(default=60, ge=0)
-    rate_limit_period_s: float = Field(default=60.0, gt=0)
-    #: Batches in flight at once.
-    concurrency: int = Field(default=1, ge=1, le=64)
-    timeout_s: float = Field(default=30.0, gt=0)
-    backoff_initial_s: float = Field(default=1.0, gt=0)
-    backoff_max_s: float = Field(default=300.0, gt=0)
-    #: After credentials are refused, wait this long before trying again.
-    auth_retry_s: float = Field(default=600.0, gt=0)
-
-    route_model: ClassVar[type[RouteBase]] = RouteBase
-
-    @model_validator(mode="after")
-    def _unique_series(self) -> UplinkConfigBase:
-        routes: list[RouteBase] = getattr(self, "routes", [])
-        seen: set[str] = set()
-        dups = sorted({r.series for r in routes if r.series in seen or seen.add(r.series)})  # type: ignore[func-returns-value]
-        if dups:
-            raise ValueError(f"series routed twice to this uplink: {', '.join(dups)}")
-        return self
-
-    def routed_series(self) -> list[str]:
-        return [r.series for r in getattr(self, "routes", [])]
 
 
 def _uplink_union() -> Any:

@@ -26,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
-from gateway.config import StoreConfig
+from gateway.configbase import StoreConfig
 from gateway.errors import StoreCorrupt, StoreError
 from gateway.intervals import IntervalSet
 from gateway.models import Position, Reading, StoredReading, Value
@@ -49,7 +50,9 @@ log = structlog.get_logger(__name__)
 SCHEMA_VERSION = 1
 #: Stored in ``flags`` above the public Quality bits: the value was a bool (SQLite has none).
 _BOOL_FLAG = 1 << 30
-_QUALITY_MASK = _BOOL_FLAG - 1
+#: The value was a non-finite float, stored as its text (SQLite would store NaN as NULL).
+_NONFINITE_FLAG = 1 << 29
+_QUALITY_MASK = _NONFINITE_FLAG - 1
 #: How many separate gaps one lease may visit before it settles for what it found.
 _MAX_GAPS_PER_LEASE = 32
 #: Rows deleted per eviction or prune statement, so no transaction grows unbounded.
@@ -152,6 +155,9 @@ def _to_row(rid: int, sid: int, r: Reading) -> tuple[Any, ...]:
     if isinstance(v, bool):
         flags |= _BOOL_FLAG
         v = int(v)
+    elif isinstance(v, float) and not math.isfinite(v):
+        flags |= _NONFINITE_FLAG
+        v = repr(v)
     p = r.position
     if p is None:
         return (rid, sid, r.ts, v, flags, None, None, None)
@@ -162,6 +168,8 @@ def _from_row(rid: int, series: str, row: Sequence[Any]) -> StoredReading:
     ts, value, flags, lat, lon, alt = row
     if flags & _BOOL_FLAG:
         value = bool(value)
+    elif flags & _NONFINITE_FLAG:
+        value = float(value)
     pos = Position(lat, lon, alt) if lat is not None and lon is not None else None
     return StoredReading(rid, series, ts, value, pos, flags & _QUALITY_MASK)
 
@@ -311,6 +319,25 @@ class Store:
                     await conn.close()
         self._w = self._r = None
 
+    @contextlib.asynccontextmanager
+    async def _txn(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction. Cancellation at any await (even of BEGIN, which then still
+        runs in aiosqlite's thread) rolls back before the lock is released."""
+        async with self._wlock:
+            w = self._write
+            try:
+                await w.execute("BEGIN IMMEDIATE")
+                yield w
+                await w.execute("COMMIT")
+            except BaseException:
+                await asyncio.shield(self._rollback(w))
+                raise
+
+    @staticmethod
+    async def _rollback(w: aiosqlite.Connection) -> None:
+        with contextlib.suppress(sqlite3.Error):  # "no transaction is active" after a COMMIT
+            await w.execute("ROLLBACK")
+
     @property
     def _write(self) -> aiosqlite.Connection:
         if self._w is None:
@@ -433,16 +460,8 @@ class Store:
         rows = [_to_row(first + i, sid, r) for i, (sid, r) in enumerate(zip(sids, batch, strict=True))]
         self._commit_started = time.monotonic()
         try:
-            async with self._wlock:
-                w = self._write
-                await w.execute("BEGIN IMMEDIATE")
-                try:
-                    await w.executemany(_INSERT, rows)
-                    await w.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await w.execute("ROLLBACK")
-                    raise
+            async with self._txn() as w:
+                await w.executemany(_INSERT, rows)
         except sqlite3.DatabaseError as exc:
             if _is_corruption(exc):
                 raise StoreCorrupt(f"{self.path}: {exc}") from exc
@@ -584,28 +603,20 @@ class Store:
                     cur = k + 1
             new_done.add(cur, hi)
         positive_done = sum(1 for i in delivered if i > 0) + sum(1 for i in rejected if i > 0)
-        async with self._wlock:
-            w = self._write
-            await w.execute("BEGIN IMMEDIATE")
-            try:
-                if dead:
-                    await w.executemany(
-                        "INSERT INTO dead_letters (uplink, series, ts, value, flags, lat, lon, "
-                        "alt, reason, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        dead,
-                    )
-                if retry_done:
-                    await w.executemany("DELETE FROM retry WHERE id = ?", retry_done)
-                await w.execute(
-                    "UPDATE uplinks SET done = ?, live_mark = ?, delivered = delivered + ?, "
-                    "rejected = rejected + ? WHERE name = ?",
-                    (new_done.to_json(), c.live_mark, len(delivered), len(rejected), c.name),
+        async with self._txn() as w:
+            if dead:
+                await w.executemany(
+                    "INSERT INTO dead_letters (uplink, series, ts, value, flags, lat, lon, "
+                    "alt, reason, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    dead,
                 )
-                await w.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await w.execute("ROLLBACK")
-                raise
+            if retry_done:
+                await w.executemany("DELETE FROM retry WHERE id = ?", retry_done)
+            await w.execute(
+                "UPDATE uplinks SET done = ?, live_mark = ?, delivered = delivered + ?, "
+                "rejected = rejected + ? WHERE name = ?",
+                (new_done.to_json(), c.live_mark, len(delivered), len(rejected), c.name),
+            )
         c.done = new_done
         for lo, hi in lease.ranges:
             c.leased.remove(lo, hi)
@@ -796,30 +807,23 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [
-            {"id": i, "series": s, "ts": ts, "value": bool(v) if f & _BOOL_FLAG else v,
+            {"id": i, "series": s, "ts": ts,
+             "value": bool(v) if f & _BOOL_FLAG else float(v) if f & _NONFINITE_FLAG else v,
              "reason": reason, "at": at}
             for i, s, ts, v, f, reason, at in rows
         ]
 
     async def replay_dead_letters(self, uplink: str) -> int:
         """Move ``uplink``'s dead letters to its retry queue; returns how many."""
-        async with self._wlock:
-            w = self._write
-            await w.execute("BEGIN IMMEDIATE")
-            try:
-                cur = await w.execute(
-                    "INSERT INTO retry (uplink, series, ts, value, flags, lat, lon, alt) "
-                    "SELECT uplink, series, ts, value, flags, lat, lon, alt FROM dead_letters "
-                    "WHERE uplink = ? ORDER BY id",
-                    (uplink,),
-                )
-                n = cur.rowcount
-                await w.execute("DELETE FROM dead_letters WHERE uplink = ?", (uplink,))
-                await w.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await w.execute("ROLLBACK")
-                raise
+        async with self._txn() as w:
+            cur = await w.execute(
+                "INSERT INTO retry (uplink, series, ts, value, flags, lat, lon, alt) "
+                "SELECT uplink, series, ts, value, flags, lat, lon, alt FROM dead_letters "
+                "WHERE uplink = ? ORDER BY id",
+                (uplink,),
+            )
+            n = cur.rowcount
+            await w.execute("DELETE FROM dead_letters WHERE uplink = ?", (uplink,))
         if uplink in self._cursors:
             self._cursors[uplink].retry_pending += n
             self._cursors[uplink].dead_letters = 0

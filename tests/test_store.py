@@ -50,6 +50,7 @@ async def test_values_round_trip_with_types_and_positions(store: Store) -> None:
         Reading("s1", t + 2, 3.0),
         Reading("s1", t + 3, True),
         Reading("s1", t + 4, "12"),
+        Reading("s1", t + 4, float("inf")),
         Reading("s2", t + 5, -7, Position(55.7, 12.5, 10.0), quality=1),
     ]
     await store.ingest(sent, durable=True)

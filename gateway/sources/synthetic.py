@@ -14,7 +14,7 @@ import time
 
 import structlog
 
-from gateway.config import SyntheticSeries, SyntheticSourceConfig
+from gateway.configbase import SyntheticSeries, SyntheticSourceConfig
 from gateway.models import Position, Reading
 from gateway.sources.base import Emit, SourceStats, now_ms
 

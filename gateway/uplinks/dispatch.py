@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 
 from gateway.backoff import Backoff
-from gateway.config import UplinkConfigBase
+from gateway.configbase import UplinkConfigBase
 from gateway.models import StoredReading
 from gateway.store import Lease, Store
 from gateway.uplinks.base import Failure, Outcome, SendResult, Uplink

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 from pydantic import Field, ValidationInfo, field_validator
 
-from gateway.config import RouteBase, Secret, SecretRef, UplinkConfigBase
+from gateway.configbase import RouteBase, Secret, SecretRef, UplinkConfigBase
 from gateway.models import StoredReading
 from gateway.uplinks import http
 from gateway.uplinks.base import Outcome, SendResult

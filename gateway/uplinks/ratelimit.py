@@ -5,6 +5,10 @@ is exactly what services mean by "20 requests per minute" (a token bucket with a
 would allow up to twice that across a window boundary). The send times are persisted through
 the store before each request, so a gateway that crash-loops cannot exceed the quota either.
 A service's Retry-After pauses the limiter until then.
+
+The window is kept slightly longer than the service's (5% plus 0.1 s, at most one second more):
+we stamp a send before it travels, the service stamps it on arrival, and a request sent exactly
+at the window's edge would otherwise be refused whenever the previous one took longer to arrive.
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ class RateLimiter:
     ) -> None:
         """``history``: wall-clock send times from a previous run; ``persist`` saves them."""
         self.limit = limit
-        self.period = period
+        self.period = period + min(1.0, 0.1 + 0.05 * period)
         self._clock = clock
         self._persist = persist
         now = clock()
         # A wall clock that stepped backwards would make old entries look like the future:
         # clamp them to now, which errs on the side of waiting.
-        self._sent: deque[float] = deque(sorted(min(t, now) for t in history if now - t < period))
+        self._sent: deque[float] = deque(
+            sorted(min(t, now) for t in history if now - t < self.period)
+        )
         self._paused_until = 0.0
         self._lock = asyncio.Lock()
 
