@@ -30,8 +30,9 @@ from gateway.clock import clock_state
 from gateway.config import LoadedConfig, SourceConfig, UplinkConfig
 from gateway.errors import StoreCorrupt
 from gateway.health import HealthServer
-from gateway.models import Reading
+from gateway.models import Position, Reading
 from gateway.sources.base import Emit, Source
+from gateway.sources.position import PositionBoard, positioned_emit
 from gateway.store import Store
 from gateway.systemd import Notifier, watchdog_interval
 from gateway.uplinks.base import Uplink
@@ -51,13 +52,26 @@ class TaskInfo:
     last_error_at: float | None = None
 
 
-def build_source(cfg: SourceConfig, loaded: LoadedConfig) -> Source:
-    """The config's discriminated union is the registry: one case per source type."""
+def build_source(cfg: SourceConfig, loaded: LoadedConfig, positions: PositionBoard) -> Source:
+    """The config's discriminated union is the registry: one case per source type. Imports are
+    per case so a gateway loads only the drivers its config uses."""
     match cfg.type:
         case "synthetic":
             from gateway.sources.synthetic import SyntheticSource  # noqa: PLC0415
 
             return SyntheticSource(cfg)
+        case "serial_lines":
+            from gateway.sources.serial import SerialLinesSource  # noqa: PLC0415
+
+            return SerialLinesSource(cfg)
+        case "nmea":
+            from gateway.sources.nmea import NmeaSource  # noqa: PLC0415
+
+            return NmeaSource(cfg, positions)
+        case "sdi12":
+            from gateway.sources.sdi12 import Sdi12Source  # noqa: PLC0415
+
+            return Sdi12Source(cfg)
         case _:
             assert_never(cfg.type)
 
@@ -81,6 +95,7 @@ class Gateway:
         self.notifier = notifier or Notifier()
         self.store: Store | None = None
         self.sources: list[Source] = []
+        self.positions = PositionBoard()
         self.runners: list[UplinkRunner] = []
         self.health_server: HealthServer | None = None
         self.tasks: dict[str, TaskInfo] = {}
@@ -103,7 +118,9 @@ class Gateway:
         routes = {u.name: u.routed_series() for _, u in uplink_cfgs}
         self.store = store = await Store.open(self.cfg.store, routes)
         try:
-            self.sources = [build_source(s, self.loaded) for s in self.cfg.sources if s.enabled]
+            source_cfgs = [s for s in self.cfg.sources if s.enabled]
+            self.sources = [build_source(s, self.loaded, self.positions) for s in source_cfgs]
+            self._source_cfgs = {s.name: s for s in source_cfgs}
             uplinks = [build_uplink(i, u, self.loaded) for i, u in uplink_cfgs]
             self.runners = [UplinkRunner(up, cfg, store)
                             for up, (_, cfg) in zip(uplinks, uplink_cfgs, strict=True)]
@@ -184,7 +201,15 @@ class Gateway:
         async def emit(readings: Sequence[Reading]) -> None:
             await store.ingest(readings)
 
-        return emit
+        cfg = self._source_cfgs[source.name]
+        p = cfg.position
+        fixed = Position(p.lat, p.lon, p.alt) if p is not None else None
+        if cfg.type == "synthetic":
+            fixed = None  # the synthetic source stamps its fixed position itself
+        gps = next((s for s in self.cfg.sources if s.name == cfg.position_from), None)
+        max_age = getattr(gps, "max_fix_age_s", 10.0)
+        return positioned_emit(emit, self.positions, position_from=cfg.position_from,
+                               fixed=fixed, max_age_s=max_age)
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         info = self.tasks.setdefault(name, TaskInfo())

@@ -68,7 +68,19 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/fieldgate/fieldgate.toml")
 EX_CONFIG = 78
 
-SourceConfig = Annotated[SyntheticSourceConfig, Field(discriminator="type")]
+def _source_union() -> Any:
+    # Plugin modules import their base classes from gateway.configbase, never from here.
+    from gateway.sources.nmea import NmeaConfig
+    from gateway.sources.sdi12 import Sdi12Config
+    from gateway.sources.serial import SerialLinesConfig
+
+    return Annotated[
+        SyntheticSourceConfig | SerialLinesConfig | NmeaConfig | Sdi12Config,
+        Field(discriminator="type"),
+    ]
+
+
+SourceConfig = _source_union()
 
 
 def _uplink_union() -> Any:
@@ -235,11 +247,12 @@ def _resolve_secrets(
 
 def _cross_checks(settings: Settings, text: str, warnings: list[str]) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    source_names = {s.name for s in settings.sources}
+    gps = {s.name for s in settings.sources if s.type == "nmea"}
     for si, src in enumerate(settings.sources):
-        if src.position_from is not None and src.position_from not in source_names:
+        if src.position_from is not None and src.position_from not in gps:
             tpath = f"sources[{si}].position_from"
-            problems.append((_with_line(tpath, text), f"no source named {src.position_from!r}"))
+            problems.append((_with_line(tpath, text),
+                             f"no GPS (type = \"nmea\") source named {src.position_from!r}"))
     produced = settings.produced_series()
     for ui, u in enumerate(settings.uplinks):
         for ri, series in enumerate(u.routed_series()):
