@@ -233,9 +233,17 @@ class SyntheticSourceConfig(SourceConfigBase):
 
 
 class RouteBase(Strict):
-    """One series sent to one uplink; plugins add the service's identifiers for it."""
+    """One series sent to one uplink; plugins add the service's identifiers for it.
+
+    ``min_interval_s`` (shared machinery, gateway/uplinks/downsample.py): at most one value per
+    window of that many seconds, windows aligned to multiples of it in UTC; the value is the
+    window's ``downsample`` aggregate and carries the window's start as its timestamp. 0 sends
+    every reading as it is.
+    """
 
     series: str = Field(min_length=1, max_length=200)
+    min_interval_s: float = Field(default=0.0, ge=0)
+    downsample: Literal["last", "mean", "min", "max"] = "last"
 
 
 class UplinkConfigBase(Strict):
