@@ -35,6 +35,7 @@ from gateway.configbase import UplinkConfigBase
 from gateway.models import StoredReading
 from gateway.store import Lease, Store
 from gateway.uplinks.base import Failure, Outcome, SendResult, Uplink
+from gateway.uplinks.downsample import Downsampler, Plan
 from gateway.uplinks.ratelimit import RateLimiter
 
 log = structlog.get_logger(__name__)
@@ -75,6 +76,10 @@ class UplinkRunner:
         self.started_at = time.time()
         self.requests: dict[str, int] = {o.value: 0 for o in Outcome}
         self._resume_at = 0.0  # monotonic
+        routes = {r.series: r for r in getattr(cfg, "routes", [])}
+        self.downsampler = Downsampler(routes, saved.get("windows"))
+        #: When the last lease held readings back (open windows): wall ms when the first closes.
+        self._hold_until_ms: int | None = None
 
     # ------------------------------------------------------------------------------------------
 
@@ -101,28 +106,39 @@ class UplinkRunner:
                 await self.store.complete(lease, (), {})
                 continue
             try:
-                await self.process(lease)
+                sent = await self.process(lease)
             except BaseException:
                 self.store.release(lease)
                 raise
+            if not sent and self._hold_until_ms is not None:
+                # Only open windows pending: wait for them to close or for new data.
+                wait = (self._hold_until_ms - time.time() * 1000) / 1000
+                await self.store.wait_for_data(timeout=min(max(wait, 0.05), 5.0))
 
     # ------------------------------------------------------------------------------------------
 
-    async def process(self, lease: Lease) -> None:
-        """Send one lease and record every item's outcome."""
-        rejected: dict[int, str] = {}
+    async def process(self, lease: Lease) -> int:
+        """Send one lease and record every item's outcome. Returns how many requests it sent."""
+        if self.downsampler.active:
+            plan = self.downsampler.plan(lease.items)
+        else:
+            plan = Plan(send=list(lease.items))
+        self._hold_until_ms = plan.hold_until_ms
+        rejected: dict[int, str] = dict(plan.late)
+        unfinished: list[int] = list(plan.held)
         items: list[StoredReading] = []
-        for it in lease.items:
+        for it in plan.send:
             reason = self.uplink.check(it)
             if reason is None:
                 items.append(it)
             else:
                 rejected[it.id] = reason
         delivered: list[int] = []
-        unfinished: list[int] = []
         queue: deque[list[StoredReading]] = deque(self._chunks(items))
+        sent = 0
         while queue:
             chunk = queue.popleft()
+            sent += 1
             await self.limiter.acquire()
             result = await self._send(chunk)
             self._note_moved(result)
@@ -157,11 +173,34 @@ class UplinkRunner:
                 unfinished.extend(i.id for i in c)
             queue.clear()
             self._on_failure(failure)
+        if plan.members:
+            self._settle_windows(plan, delivered, rejected, unfinished)
         await self.store.complete(lease, delivered, rejected, unfinished)
+        if plan.members:
+            state = self.store.uplink_state(self.name)
+            state["windows"] = self.downsampler.state()
+            await self.store.save_uplink_state(self.name, state)
         if rejected:
             first = next(iter(rejected.values()))
             log.warning("readings_dead_lettered", uplink=self.name, readings=len(rejected),
                         reason=first)
+        return sent
+
+    def _settle_windows(
+        self, plan: Plan, delivered: list[int], rejected: dict[int, str], unfinished: list[int]
+    ) -> None:
+        """Give every reading a downsampled aggregate stood for the aggregate's outcome."""
+        by_id = {i.id: i for i in plan.send}
+        done = set(delivered)
+        for agg_id, others in plan.members.items():
+            if agg_id in done:
+                delivered.extend(others)
+            elif agg_id in rejected:
+                rejected.update(dict.fromkeys(others, rejected[agg_id]))
+            else:
+                unfinished.extend(others)
+                continue
+            self.downsampler.mark_sent(by_id[agg_id])
 
     def _chunks(self, items: Sequence[StoredReading]) -> list[list[StoredReading]]:
         groups: dict[Hashable, list[StoredReading]] = {}

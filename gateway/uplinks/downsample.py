@@ -1,0 +1,115 @@
+"""Per-series minimum interval: downsampling into aligned windows, shared by every uplink.
+
+A route with ``min_interval_s = W`` sends at most one value per window ``[k*W, (k+1)*W)`` (UTC,
+aligned to multiples of W since the epoch). The value is the window's aggregate (``last``,
+``mean``, ``min`` or ``max``; non-numeric values always take ``last``) and its timestamp is the
+window's start, so a service with minute resolution never sees two values in one minute.
+
+A window is sent only once it is **closed**: a later reading of the same series is in hand, or the
+wall clock is past the window's end plus a grace (one window, at most 5 minutes). Readings of an
+open window are **held** (they stay pending, nothing is sent). A reading that arrives for a window
+that was already sent (out of order, a repaired timestamp) is dead-lettered with that reason, so
+it stays visible and replayable instead of silently producing a second value.
+
+The aggregate travels as a :class:`StoredReading` carrying the id of the window's last reading;
+:attr:`Plan.members` maps it to the ids it stands for, which share its outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.configbase import RouteBase
+from gateway.models import StoredReading
+
+MAX_GRACE_MS = 300_000
+
+
+@dataclass(slots=True)
+class Plan:
+    send: list[StoredReading] = field(default_factory=list)
+    #: aggregate id -> the other ids it stands for (its outcome is theirs)
+    members: dict[int, list[int]] = field(default_factory=dict)
+    held: list[int] = field(default_factory=list)
+    late: dict[int, str] = field(default_factory=dict)
+    #: earliest wall time (ms) at which a held window closes by the clock
+    hold_until_ms: int | None = None
+
+
+class Downsampler:
+    """Holds, per series, the start of the last window handed out (persisted by the caller)."""
+
+    def __init__(self, routes: Mapping[str, RouteBase], sent: Mapping[str, int] | None = None):
+        self._width = {s: int(r.min_interval_s * 1000) for s, r in routes.items()
+                       if r.min_interval_s > 0}
+        self._mode = {s: r.downsample for s, r in routes.items()}
+        self.sent: dict[str, int] = dict(sent or {})
+
+    @property
+    def active(self) -> bool:
+        return bool(self._width)
+
+    def plan(self, items: Sequence[StoredReading], now_ms: int | None = None) -> Plan:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        out = Plan()
+        windows: dict[tuple[str, int], list[StoredReading]] = {}
+        newest: dict[str, int] = {}
+        for it in items:
+            w = self._width.get(it.series)
+            if w is None:
+                out.send.append(it)
+                continue
+            start = it.ts - it.ts % w
+            last = self.sent.get(it.series)
+            if last is not None and start <= last:
+                out.late[it.id] = (f"arrived after its {w // 1000}s window starting "
+                                   f"{start} ms was sent (at most one value per window)")
+                continue
+            windows.setdefault((it.series, start), []).append(it)
+            newest[it.series] = max(newest.get(it.series, it.ts), it.ts)
+        for (series, start), members in sorted(windows.items(), key=lambda kv: kv[0][1]):
+            w = self._width[series]
+            end = start + w
+            grace = min(w, MAX_GRACE_MS)
+            if newest[series] < end and now < end + grace:
+                out.held.extend(m.id for m in members)
+                close_at = end + grace
+                if out.hold_until_ms is None or close_at < out.hold_until_ms:
+                    out.hold_until_ms = close_at
+                continue
+            members.sort(key=lambda m: (m.ts, m.id))
+            agg = _aggregate(members, self._mode[series], start)
+            out.send.append(agg)
+            out.members[agg.id] = [m.id for m in members if m.id != agg.id]
+        return out
+
+    def mark_sent(self, item: StoredReading) -> None:
+        """An aggregate reached a final outcome (delivered or dead-lettered): its window is done."""
+        w = self._width.get(item.series)
+        if w is not None:
+            self.sent[item.series] = max(self.sent.get(item.series, item.ts), item.ts)
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.sent)
+
+
+def _aggregate(members: list[StoredReading], mode: str, start: int) -> StoredReading:
+    last = members[-1]
+    values = [m.value for m in members]
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    value = last.value
+    if numeric and mode != "last":
+        nums = [float(v) for v in values]  # type: ignore[arg-type]
+        if mode == "mean":
+            value = sum(nums) / len(nums)
+        elif mode == "min":
+            value = min(nums)
+        else:
+            value = max(nums)
+    quality = 0
+    for m in members:
+        quality |= m.quality
+    return StoredReading(last.id, last.series, start, value, last.position, quality)
