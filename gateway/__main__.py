@@ -202,6 +202,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command not in ("run", "demo"):
+        # Operator commands keep stdout for their answer (``queue --json``); events go to stderr.
+        from gateway import logs  # noqa: PLC0415
+
+        logs.setup("warning", "console", sys.stderr)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
