@@ -42,8 +42,8 @@ def _load(path: Path) -> LoadedConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway import logs  # noqa: PLC0415
-    from gateway.app import Gateway  # noqa: PLC0415
+    from gateway import logs
+    from gateway.app import Gateway
 
     loaded = _load(_config_path(args.config))
     logs.setup(loaded.settings.log.level, loaded.settings.log.format)
@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.sandbox.demo import main as demo_main  # noqa: PLC0415
+    from gateway.sandbox.demo import main as demo_main
 
     return demo_main(args)
 
@@ -87,7 +87,7 @@ async def _probe(loaded: LoadedConfig) -> int:
 
 
 def _source_module(kind: str) -> Any:
-    import importlib  # noqa: PLC0415
+    import importlib
 
     try:
         return importlib.import_module(f"gateway.sources.{kind}")
@@ -96,7 +96,7 @@ def _source_module(kind: str) -> Any:
 
 
 def _open_store_readonly(loaded: LoadedConfig, *, readonly: bool = True) -> Any:
-    from gateway.store import Store  # noqa: PLC0415
+    from gateway.store import Store
 
     s = loaded.settings
     routes = {u.name: u.routed_series() for u in s.uplinks if u.enabled}
@@ -112,8 +112,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
     async def go() -> dict[str, Any]:
         store = await _open_store_readonly(loaded)
         try:
-            return {"store": store.stats(),
-                    "uplinks": {n: store.uplink_stats(n) for n in store.uplink_names}}
+            return {
+                "store": store.stats(),
+                "uplinks": {n: store.uplink_stats(n) for n in store.uplink_names},
+            }
         finally:
             await store.aclose()
 
@@ -122,15 +124,21 @@ def cmd_queue(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=1, default=str))
         return 0
     st = out["store"]
-    print(f"store {st['path']}: {st['readings_stored']} readings, {st['bytes']} bytes in use "
-          f"(quota {st['quota_bytes']})")
-    print(f"{'uplink':<16} {'backlog':>10} {'oldest pending':>16} {'dead letters':>13} "
-          f"{'delivered':>11} {'evicted':>9}")
+    print(
+        f"store {st['path']}: {st['readings_stored']} readings, {st['bytes']} bytes in use "
+        f"(quota {st['quota_bytes']})"
+    )
+    print(
+        f"{'uplink':<16} {'backlog':>10} {'oldest pending':>16} {'dead letters':>13} "
+        f"{'delivered':>11} {'evicted':>9}"
+    )
     for name, u in out["uplinks"].items():
         age = u["oldest_pending_s"]
         age_s = "-" if age is None else _age(age)
-        print(f"{name:<16} {u['backlog']:>10} {age_s:>16} {u['dead_letters']:>13} "
-              f"{u['delivered']:>11} {u['evicted']:>9}")
+        print(
+            f"{name:<16} {u['backlog']:>10} {age_s:>16} {u['dead_letters']:>13} "
+            f"{u['delivered']:>11} {u['evicted']:>9}"
+        )
     return 0
 
 
@@ -159,7 +167,9 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                     print(f"{d['id']:>8} {d['series']:<24} {when} {d['value']!r:<12} {d['reason']}")
                 return 0
             n = await store.replay_dead_letters(args.uplink)
-            print(f"{n} dead letters of {args.uplink} requeued; the running gateway sends them next")
+            print(
+                f"{n} dead letters of {args.uplink} requeued; the running gateway sends them next"
+            )
             return 0
         finally:
             await store.aclose()
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command not in ("run", "demo"):
         # Operator commands keep stdout for their answer (``queue --json``); events go to stderr.
-        from gateway import logs  # noqa: PLC0415
+        from gateway import logs
 
         logs.setup("warning", "console", sys.stderr)
     try:

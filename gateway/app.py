@@ -57,19 +57,19 @@ def build_source(cfg: SourceConfig, loaded: LoadedConfig, positions: PositionBoa
     per case so a gateway loads only the drivers its config uses."""
     match cfg.type:
         case "synthetic":
-            from gateway.sources.synthetic import SyntheticSource  # noqa: PLC0415
+            from gateway.sources.synthetic import SyntheticSource
 
             return SyntheticSource(cfg)
         case "serial_lines":
-            from gateway.sources.serial import SerialLinesSource  # noqa: PLC0415
+            from gateway.sources.serial import SerialLinesSource
 
             return SerialLinesSource(cfg)
         case "nmea":
-            from gateway.sources.nmea import NmeaSource  # noqa: PLC0415
+            from gateway.sources.nmea import NmeaSource
 
             return NmeaSource(cfg, positions)
         case "sdi12":
-            from gateway.sources.sdi12 import Sdi12Source  # noqa: PLC0415
+            from gateway.sources.sdi12 import Sdi12Source
 
             return Sdi12Source(cfg)
         case _:
@@ -79,7 +79,7 @@ def build_source(cfg: SourceConfig, loaded: LoadedConfig, positions: PositionBoa
 def build_uplink(index: int, cfg: UplinkConfig, loaded: LoadedConfig) -> Uplink:
     match cfg.type:
         case "qatium":
-            from gateway.uplinks.qatium import QatiumUplink  # noqa: PLC0415
+            from gateway.uplinks.qatium import QatiumUplink
 
             return QatiumUplink(cfg, loaded.secret(f"uplinks[{index}].token"))
         case _:
@@ -122,15 +122,21 @@ class Gateway:
             self.sources = [build_source(s, self.loaded, self.positions) for s in source_cfgs]
             self._source_cfgs = {s.name: s for s in source_cfgs}
             uplinks = [build_uplink(i, u, self.loaded) for i, u in uplink_cfgs]
-            self.runners = [UplinkRunner(up, cfg, store)
-                            for up, (_, cfg) in zip(uplinks, uplink_cfgs, strict=True)]
+            self.runners = [
+                UplinkRunner(up, cfg, store)
+                for up, (_, cfg) in zip(uplinks, uplink_cfgs, strict=True)
+            ]
             if self.cfg.health.enabled:
                 self.health_server = HealthServer(self.cfg.health, self)
                 try:
                     await self.health_server.start()
                 except OSError as exc:
-                    log.error("health_bind_failed", host=self.cfg.health.host,
-                              port=self.cfg.health.port, error=str(exc))
+                    log.error(
+                        "health_bind_failed",
+                        host=self.cfg.health.host,
+                        port=self.cfg.health.port,
+                        error=str(exc),
+                    )
                     self.health_server = None
             return await self._supervise_all(store)
         finally:
@@ -145,8 +151,9 @@ class Gateway:
         async with asyncio.TaskGroup() as tg:
             writer = tg.create_task(self._store_writer(store), name="store:writer")
             source_tasks = [
-                tg.create_task(self._supervise(f"poll:{s.name}", self._source_runner(s)),
-                               name=f"poll:{s.name}")
+                tg.create_task(
+                    self._supervise(f"poll:{s.name}", self._source_runner(s)), name=f"poll:{s.name}"
+                )
                 for s in self.sources
             ]
             uplink_tasks = [
@@ -156,8 +163,13 @@ class Gateway:
             watchdog = tg.create_task(self._watchdog(store), name="watchdog")
             self.notifier.ready()
             self.ready.set()
-            log.info("gateway_ready", version=__version__, sources=len(self.sources),
-                     uplinks=len(self.runners), store=str(store.path))
+            log.info(
+                "gateway_ready",
+                version=__version__,
+                sources=len(self.sources),
+                uplinks=len(self.runners),
+                store=str(store.path),
+            )
 
             stop = asyncio.create_task(self.stop_event.wait(), name="stop-wait")
             await asyncio.wait([stop, writer], return_when=asyncio.FIRST_COMPLETED)
@@ -181,8 +193,11 @@ class Gateway:
             await store.run()
         except StoreCorrupt as exc:
             # Exit non-zero; systemd restarts us and the next open moves the file aside.
-            log.error("store_corrupt", error=str(exc),
-                      action="exiting; the next start moves the database aside")
+            log.error(
+                "store_corrupt",
+                error=str(exc),
+                action="exiting; the next start moves the database aside",
+            )
             self.fatal = str(exc)
             self.stop_event.set()
 
@@ -208,8 +223,9 @@ class Gateway:
             fixed = None  # the synthetic source stamps its fixed position itself
         gps = next((s for s in self.cfg.sources if s.name == cfg.position_from), None)
         max_age = getattr(gps, "max_fix_age_s", 10.0)
-        return positioned_emit(emit, self.positions, position_from=cfg.position_from,
-                               fixed=fixed, max_age_s=max_age)
+        return positioned_emit(
+            emit, self.positions, position_from=cfg.position_from, fixed=fixed, max_age_s=max_age
+        )
 
     async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         info = self.tasks.setdefault(name, TaskInfo())
@@ -232,8 +248,13 @@ class Gateway:
                 info.restarts += 1
                 info.last_error = f"{type(exc).__name__}: {exc}"[:500]
                 info.last_error_at = time.time()
-                log.error("task_failed", task=name, error=info.last_error,
-                          restart_in_s=round(delay, 2), exc_info=exc)
+                log.error(
+                    "task_failed",
+                    task=name,
+                    error=info.last_error,
+                    restart_in_s=round(delay, 2),
+                    exc_info=exc,
+                )
                 await asyncio.sleep(delay)
 
     async def _watchdog(self, store: Store) -> None:
@@ -246,8 +267,9 @@ class Gateway:
             if store.writable():
                 self.notifier.watchdog()
             else:
-                log.error("watchdog_withheld", reason="store not writable",
-                          error=store.last_commit_error)
+                log.error(
+                    "watchdog_withheld", reason="store not writable", error=store.last_commit_error
+                )
             await asyncio.sleep(interval)
 
     async def _close(self, store: Store) -> None:
@@ -315,8 +337,10 @@ class Gateway:
         after = self.cfg.health.stuck_after_s
         for r in self.runners:
             if r.stuck(after):
-                reasons.append(f"uplink {r.name} has delivered nothing for {after:g}s "
-                               f"({r.state.value}: {r.last_error})")
+                reasons.append(
+                    f"uplink {r.name} has delivered nothing for {after:g}s "
+                    f"({r.state.value}: {r.last_error})"
+                )
         return (not reasons, reasons)
 
 

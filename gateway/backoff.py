@@ -14,7 +14,9 @@ class Backoff:
 
     __slots__ = ("_rng", "attempts", "initial", "maximum")
 
-    def __init__(self, initial: float = 1.0, maximum: float = 300.0, *, seed: int | None = None) -> None:
+    def __init__(
+        self, initial: float = 1.0, maximum: float = 300.0, *, seed: int | None = None
+    ) -> None:
         if initial <= 0 or maximum < initial:
             raise ValueError("need 0 < initial <= maximum")
         self.initial = initial
@@ -23,7 +25,7 @@ class Backoff:
         self._rng = random.Random(seed)
 
     def next(self) -> float:
-        step = min(self.maximum, self.initial * (2 ** min(self.attempts, 62)))
+        step: float = min(self.maximum, self.initial * 2.0 ** min(self.attempts, 62))
         self.attempts += 1
         return step / 2 + self._rng.uniform(0, step / 2)
 

@@ -41,8 +41,11 @@ class ClockState:
     wall_time: float
 
     def as_dict(self) -> dict[str, object]:
-        return {"synchronized": self.synchronized, "source": self.source,
-                "wall_time": self.wall_time}
+        return {
+            "synchronized": self.synchronized,
+            "source": self.source,
+            "wall_time": self.wall_time,
+        }
 
 
 def clock_state() -> ClockState:

@@ -37,8 +37,6 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from gateway.errors import ConfigError
-
 from gateway.configbase import (  # re-exported: the config API in one place
     KNOWN_SECRETS,
     NAME_PATTERN,
@@ -56,41 +54,48 @@ from gateway.configbase import (  # re-exported: the config API in one place
     UplinkConfigBase,
     world_readable,
 )
+from gateway.errors import ConfigError
+from gateway.sources.nmea import NmeaConfig
+from gateway.sources.sdi12 import Sdi12Config
+from gateway.sources.serial import SerialLinesConfig
+from gateway.uplinks.qatium import QatiumConfig
 
 __all__ = [
-    "KNOWN_SECRETS", "NAME_PATTERN", "HealthConfig", "LoadedConfig", "LogConfig",
-    "PositionConfig", "RouteBase", "Secret", "SecretRef", "Settings", "SourceConfig",
-    "SourceConfigBase", "StoreConfig", "Strict", "SyntheticSeries", "SyntheticSourceConfig",
-    "UplinkConfig", "UplinkConfigBase", "load_config", "load_config_text", "locate",
+    "KNOWN_SECRETS",
+    "NAME_PATTERN",
+    "HealthConfig",
+    "LoadedConfig",
+    "LogConfig",
+    "PositionConfig",
+    "RouteBase",
+    "Secret",
+    "SecretRef",
+    "Settings",
+    "SourceConfig",
+    "SourceConfigBase",
+    "StoreConfig",
+    "Strict",
+    "SyntheticSeries",
+    "SyntheticSourceConfig",
+    "UplinkConfig",
+    "UplinkConfigBase",
+    "load_config",
+    "load_config_text",
+    "locate",
     "world_readable",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/fieldgate/fieldgate.toml")
 EX_CONFIG = 78
 
-def _source_union() -> Any:
-    # Plugin modules import their base classes from gateway.configbase, never from here.
-    from gateway.sources.nmea import NmeaConfig
-    from gateway.sources.sdi12 import Sdi12Config
-    from gateway.sources.serial import SerialLinesConfig
 
-    return Annotated[
-        SyntheticSourceConfig | SerialLinesConfig | NmeaConfig | Sdi12Config,
-        Field(discriminator="type"),
-    ]
-
-
-SourceConfig = _source_union()
-
-
-def _uplink_union() -> Any:
-    # Imported here so that a plugin module may import config.py for its base classes.
-    from gateway.uplinks.qatium import QatiumConfig
-
-    return Annotated[QatiumConfig, Field(discriminator="type")]
-
-
-UplinkConfig = _uplink_union()
+#: The registry of source types: one config model per plugin, dispatched on ``type``.
+SourceConfig = Annotated[
+    SyntheticSourceConfig | SerialLinesConfig | NmeaConfig | Sdi12Config,
+    Field(discriminator="type"),
+]
+#: The registry of uplink types.
+UplinkConfig = Annotated[QatiumConfig, Field(discriminator="type")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,8 +204,7 @@ def load_config_text(text: str, path: Path | None = None) -> LoadedConfig:
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        problems = [_problem(err, data, text) for err in exc.errors()]
-        raise ConfigError(problems, where) from None
+        raise ConfigError([_problem(err, data, text) for err in exc.errors()], where) from None
 
     problems: list[tuple[str, str]] = []
     warnings: list[str] = []
@@ -251,8 +255,12 @@ def _cross_checks(settings: Settings, text: str, warnings: list[str]) -> list[tu
     for si, src in enumerate(settings.sources):
         if src.position_from is not None and src.position_from not in gps:
             tpath = f"sources[{si}].position_from"
-            problems.append((_with_line(tpath, text),
-                             f"no GPS (type = \"nmea\") source named {src.position_from!r}"))
+            problems.append(
+                (
+                    _with_line(tpath, text),
+                    f'no GPS (type = "nmea") source named {src.position_from!r}',
+                )
+            )
     produced = settings.produced_series()
     for ui, u in enumerate(settings.uplinks):
         for ri, series in enumerate(u.routed_series()):
@@ -270,15 +278,14 @@ def _problem(err: Mapping[str, Any], data: Mapping[str, Any], text: str) -> tupl
     node: Any = data
     for part in loc:
         # Discriminated unions add the tag (the ``type`` value) to the location: drop it.
-        if isinstance(part, str) and isinstance(node, dict) and part not in node:
-            if node.get("type") == part:
-                continue
+        if isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue
         if isinstance(part, int):
             parts.append(f"[{part}]")
         else:
             parts.append(f".{part}" if parts else str(part))
         if isinstance(node, dict):
-            node = node.get(part)  # type: ignore[call-overload]
+            node = node.get(part)
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         else:

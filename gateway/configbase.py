@@ -129,8 +129,9 @@ class StoreConfig(Strict):
     """``[store]``: the SQLite store-and-forward queue."""
 
     path: Path = Field(
-        default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "/var/lib/fieldgate"))
-        / "fieldgate.db"
+        default_factory=lambda: (
+            Path(os.environ.get("STATE_DIRECTORY", "/var/lib/fieldgate")) / "fieldgate.db"
+        )
     )
     #: Disk quota for the database (bytes in use by pages); the oldest readings are evicted past it.
     quota_bytes: int = Field(default=1 << 30, ge=1 << 20)
@@ -186,7 +187,7 @@ class SourceConfigBase(Strict):
     position_from: str | None = None
 
     def series_names(self) -> Iterable[str] | None:
-        """The series this source produces, when known from config (None: discovered at run time)."""
+        """The series this source produces, when known from config (None: found at run time)."""
         return None
 
 
@@ -224,8 +225,6 @@ class SyntheticSourceConfig(SourceConfigBase):
             else:
                 for i in range(1, self.replicas + 1):
                     yield f"{s.name}.{i}"
-
-
 
 
 # ----------------------------------------------------------------------------------------------

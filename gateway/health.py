@@ -39,30 +39,47 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         st = self._snapshot()
         store = st["store"]
-        yield _counter("fieldgate_readings_captured", "Readings committed to the store",
-                       store["captured_total"])
-        yield _counter("fieldgate_store_evicted", "Readings evicted by quota or retention",
-                       store["evicted_total"])
+        yield _counter(
+            "fieldgate_readings_captured",
+            "Readings committed to the store",
+            store["captured_total"],
+        )
+        yield _counter(
+            "fieldgate_store_evicted",
+            "Readings evicted by quota or retention",
+            store["evicted_total"],
+        )
         yield _gauge("fieldgate_store_bytes", "Bytes of database pages in use", store["bytes"])
         yield _gauge("fieldgate_store_quota_bytes", "Configured store quota", store["quota_bytes"])
-        yield _gauge("fieldgate_store_buffered", "Readings waiting for the next commit",
-                     store["buffered"])
+        yield _gauge(
+            "fieldgate_store_buffered", "Readings waiting for the next commit", store["buffered"]
+        )
         if store["free_disk_bytes"] is not None:
-            yield _gauge("fieldgate_disk_free_bytes", "Free bytes on the store's filesystem",
-                         store["free_disk_bytes"])
+            yield _gauge(
+                "fieldgate_disk_free_bytes",
+                "Free bytes on the store's filesystem",
+                store["free_disk_bytes"],
+            )
         sync = st["clock"]["synchronized"]
-        yield _gauge("fieldgate_clock_synchronized", "1 when the system clock is synchronised",
-                     1 if sync else 0)
+        yield _gauge(
+            "fieldgate_clock_synchronized",
+            "1 when the system clock is synchronised",
+            1 if sync else 0,
+        )
 
         src = st["sources"]
         fams = {
-            "readings": CounterMetricFamily("fieldgate_source_readings", "Readings produced",
-                                            labels=["source"]),
-            "errors": CounterMetricFamily("fieldgate_source_errors", "Source faults",
-                                          labels=["source"]),
-            "rejected": CounterMetricFamily("fieldgate_source_rejected",
-                                            "Input refused by a source (damaged lines, bad values)",
-                                            labels=["source"]),
+            "readings": CounterMetricFamily(
+                "fieldgate_source_readings", "Readings produced", labels=["source"]
+            ),
+            "errors": CounterMetricFamily(
+                "fieldgate_source_errors", "Source faults", labels=["source"]
+            ),
+            "rejected": CounterMetricFamily(
+                "fieldgate_source_rejected",
+                "Input refused by a source (damaged lines, bad values)",
+                labels=["source"],
+            ),
         }
         for name, s in src.items():
             for key, fam in fams.items():
@@ -70,24 +87,36 @@ class _Collector(Collector):
         yield from fams.values()
 
         up = st["uplinks"]
-        delivered = CounterMetricFamily("fieldgate_uplink_delivered", "Readings delivered",
-                                        labels=["uplink"])
-        rejected = CounterMetricFamily("fieldgate_uplink_dead_lettered",
-                                       "Readings dead-lettered with the service's reason",
-                                       labels=["uplink"])
-        evicted = CounterMetricFamily("fieldgate_uplink_evicted",
-                                      "Readings evicted before this uplink took them",
-                                      labels=["uplink"])
-        backlog = GaugeMetricFamily("fieldgate_uplink_backlog", "Readings pending",
-                                    labels=["uplink"])
-        oldest = GaugeMetricFamily("fieldgate_uplink_oldest_pending_seconds",
-                                   "Age of the oldest pending reading", labels=["uplink"])
-        dead = GaugeMetricFamily("fieldgate_uplink_dead_letters", "Dead letters kept",
-                                 labels=["uplink"])
-        state = GaugeMetricFamily("fieldgate_uplink_state", "1 for the uplink's current state",
-                                  labels=["uplink", "state"])
-        requests = CounterMetricFamily("fieldgate_uplink_requests", "Requests by outcome",
-                                       labels=["uplink", "outcome"])
+        delivered = CounterMetricFamily(
+            "fieldgate_uplink_delivered", "Readings delivered", labels=["uplink"]
+        )
+        rejected = CounterMetricFamily(
+            "fieldgate_uplink_dead_lettered",
+            "Readings dead-lettered with the service's reason",
+            labels=["uplink"],
+        )
+        evicted = CounterMetricFamily(
+            "fieldgate_uplink_evicted",
+            "Readings evicted before this uplink took them",
+            labels=["uplink"],
+        )
+        backlog = GaugeMetricFamily(
+            "fieldgate_uplink_backlog", "Readings pending", labels=["uplink"]
+        )
+        oldest = GaugeMetricFamily(
+            "fieldgate_uplink_oldest_pending_seconds",
+            "Age of the oldest pending reading",
+            labels=["uplink"],
+        )
+        dead = GaugeMetricFamily(
+            "fieldgate_uplink_dead_letters", "Dead letters kept", labels=["uplink"]
+        )
+        state = GaugeMetricFamily(
+            "fieldgate_uplink_state", "1 for the uplink's current state", labels=["uplink", "state"]
+        )
+        requests = CounterMetricFamily(
+            "fieldgate_uplink_requests", "Requests by outcome", labels=["uplink", "outcome"]
+        )
         for name, u in up.items():
             delivered.add_metric([name], u["delivered"])
             rejected.add_metric([name], u["rejected_total"])
@@ -161,8 +190,10 @@ class HealthServer:
         return web.json_response({"ok": ok, "reasons": reasons}, status=200 if ok else 503)
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(self.provider.status(), default=str, indent=1),
-                            content_type="application/json")
+        return web.Response(
+            text=json.dumps(self.provider.status(), default=str, indent=1),
+            content_type="application/json",
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

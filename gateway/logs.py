@@ -17,8 +17,15 @@ import structlog
 from gateway.config import KNOWN_SECRETS
 
 MASK = "***"
-_SENSITIVE_KEYS = {"authorization", "token", "password", "secret", "client_secret", "api_key",
-                   "organization-api-key"}
+_SENSITIVE_KEYS = {
+    "authorization",
+    "token",
+    "password",
+    "secret",
+    "client_secret",
+    "api_key",
+    "organization-api-key",
+}
 
 
 def _scrub(value: Any) -> Any:
@@ -28,7 +35,9 @@ def _scrub(value: Any) -> Any:
                 value = value.replace(s, MASK)
         return value
     if isinstance(value, dict):
-        return {k: (MASK if str(k).lower() in _SENSITIVE_KEYS else _scrub(v)) for k, v in value.items()}
+        return {
+            k: (MASK if str(k).lower() in _SENSITIVE_KEYS else _scrub(v)) for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return type(value)(_scrub(v) for v in value)
     return value

@@ -109,7 +109,9 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
-_INSERT = "INSERT INTO readings (id, series, ts, value, flags, lat, lon, alt) VALUES (?,?,?,?,?,?,?,?)"
+_INSERT = (
+    "INSERT INTO readings (id, series, ts, value, flags, lat, lon, alt) VALUES (?,?,?,?,?,?,?,?)"
+)
 
 
 @dataclass(slots=True)
@@ -284,8 +286,15 @@ class Store:
         for name in self._routes:
             if name in known:
                 _, done, live, dl, rj, ev, state = known[name]
-                c = _Cursor(name, IntervalSet.from_json(done), live, delivered=dl, rejected=rj,
-                            evicted=ev, state=json.loads(state))
+                c = _Cursor(
+                    name,
+                    IntervalSet.from_json(done),
+                    live,
+                    delivered=dl,
+                    rejected=rj,
+                    evicted=ev,
+                    state=json.loads(state),
+                )
             else:
                 # A new uplink starts with what arrives from now on, not the stored history.
                 c = _Cursor(name, IntervalSet([(0, self._max_id)]), self._max_id)
@@ -435,8 +444,11 @@ class Store:
                     raise
                 except (sqlite3.Error, OSError) as exc:
                     self.last_commit_error = f"{type(exc).__name__}: {exc}"
-                    log.error("store_commit_failed", error=self.last_commit_error,
-                              buffered=len(self._buffer))
+                    log.error(
+                        "store_commit_failed",
+                        error=self.last_commit_error,
+                        buffered=len(self._buffer),
+                    )
                     if "full" in str(exc).lower():
                         await self._evict_for_space()
                     await asyncio.sleep(1.0)
@@ -457,7 +469,9 @@ class Store:
         series = self._series
         first = self._max_id + 1
         sids = [series[r.series] for r in batch]
-        rows = [_to_row(first + i, sid, r) for i, (sid, r) in enumerate(zip(sids, batch, strict=True))]
+        rows = [
+            _to_row(first + i, sid, r) for i, (sid, r) in enumerate(zip(sids, batch, strict=True))
+        ]
         self._commit_started = time.monotonic()
         try:
             async with self._txn() as w:
@@ -653,8 +667,15 @@ class Store:
             await self._write.execute(
                 "INSERT OR REPLACE INTO uplinks (name, done, live_mark, delivered, rejected, "
                 "evicted, state) VALUES (?,?,?,?,?,?,?)",
-                (c.name, c.done.to_json(), c.live_mark, c.delivered, c.rejected, c.evicted,
-                 json.dumps(c.state)),
+                (
+                    c.name,
+                    c.done.to_json(),
+                    c.live_mark,
+                    c.delivered,
+                    c.rejected,
+                    c.evicted,
+                    json.dumps(c.state),
+                ),
             )
 
     # ------------------------------------------------------------------------------------------
@@ -695,12 +716,15 @@ class Store:
             n = 0
             for lo, hi in c.done.gaps(self._min_id, upto):
                 if c.series_ids:
-                    n += await _scalar(
-                        self._read,
-                        f"SELECT count(*) FROM readings WHERE id BETWEEN ? AND ? "
-                        f"AND series IN {c.sql_in}",
-                        (lo, hi),
-                    ) or 0
+                    n += (
+                        await _scalar(
+                            self._read,
+                            f"SELECT count(*) FROM readings WHERE id BETWEEN ? AND ? "
+                            f"AND series IN {c.sql_in}",
+                            (lo, hi),
+                        )
+                        or 0
+                    )
             counts[c.name] = n
         await self._delete_upto(upto)
         total = 0
@@ -716,8 +740,12 @@ class Store:
                 )
         self.evicted_total += total
         if total:
-            log.warning("store_evicted", reason=why, upto_id=upto, readings=total, per_uplink=counts)
-            self.events.append(StoreEvent(time.time(), "evicted", f"{why}: {total} readings {counts}"))
+            log.warning(
+                "store_evicted", reason=why, upto_id=upto, readings=total, per_uplink=counts
+            )
+            self.events.append(
+                StoreEvent(time.time(), "evicted", f"{why}: {total} readings {counts}")
+            )
             del self.events[:-50]
 
     async def _enforce_retention(self) -> None:
@@ -760,11 +788,15 @@ class Store:
         n = 0
         if c.series_ids:
             for lo, hi in c.done.gaps(self._min_id, self._max_id):
-                n += await _scalar(
-                    self._read,
-                    f"SELECT count(*) FROM readings WHERE id BETWEEN ? AND ? AND series IN {c.sql_in}",
-                    (lo, hi),
-                ) or 0
+                n += (
+                    await _scalar(
+                        self._read,
+                        "SELECT count(*) FROM readings WHERE id BETWEEN ? AND ? "
+                        f"AND series IN {c.sql_in}",
+                        (lo, hi),
+                    )
+                    or 0
+                )
         return n
 
     async def refresh_stats(self) -> None:
@@ -807,9 +839,14 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [
-            {"id": i, "series": s, "ts": ts,
-             "value": bool(v) if f & _BOOL_FLAG else float(v) if f & _NONFINITE_FLAG else v,
-             "reason": reason, "at": at}
+            {
+                "id": i,
+                "series": s,
+                "ts": ts,
+                "value": bool(v) if f & _BOOL_FLAG else float(v) if f & _NONFINITE_FLAG else v,
+                "reason": reason,
+                "at": at,
+            }
             for i, s, ts, v, f, reason, at in rows
         ]
 

@@ -36,13 +36,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _run(loaded: object, duration: float | None) -> int:
-    from gateway.app import Gateway  # noqa: PLC0415
-    from gateway.config import LoadedConfig  # noqa: PLC0415
-    from gateway.sandbox.qatium import QatiumEmulator  # noqa: PLC0415
+    from gateway.app import Gateway
+    from gateway.config import LoadedConfig
+    from gateway.sandbox.qatium import QatiumEmulator
 
     assert isinstance(loaded, LoadedConfig)
-    async with QatiumEmulator(token=DEMO_TOKENS["FIELDGATE_DEMO_QATIUM_TOKEN"],
-                              port=QATIUM_PORT) as qatium:
+    async with QatiumEmulator(
+        token=DEMO_TOKENS["FIELDGATE_DEMO_QATIUM_TOKEN"], port=QATIUM_PORT
+    ) as qatium:
         gw = Gateway(loaded)
         run = asyncio.create_task(gw.run(), name="gateway")
         ready = asyncio.create_task(gw.ready.wait(), name="ready-wait")
@@ -84,6 +85,8 @@ async def _summary(gw: object) -> None:
     while True:
         await asyncio.sleep(10)
         st = gw.status()  # type: ignore[attr-defined]
-        parts = [f"{n}: {u['state']} delivered={u['delivered']} backlog={u['backlog']}"
-                 for n, u in st["uplinks"].items()]
+        parts = [
+            f"{n}: {u['state']} delivered={u['delivered']} backlog={u['backlog']}"
+            for n, u in st["uplinks"].items()
+        ]
         print("demo | " + " | ".join(parts), file=sys.stderr, flush=True)

@@ -164,8 +164,12 @@ class UplinkRunner:
                 queue.appendleft(rest[:half])
                 if failure.outcome is Outcome.TOO_LARGE and self.batch_limit > half:
                     self.batch_limit = max(1, half)
-                    log.warning("uplink_batch_lowered", uplink=self.name, batch_max_items=half,
-                                reason=failure.message)
+                    log.warning(
+                        "uplink_batch_lowered",
+                        uplink=self.name,
+                        batch_max_items=half,
+                        reason=failure.message,
+                    )
                 continue
             # Transient or auth: keep this chunk and everything not yet sent.
             unfinished.extend(i.id for i in rest)
@@ -182,8 +186,9 @@ class UplinkRunner:
             await self.store.save_uplink_state(self.name, state)
         if rejected:
             first = next(iter(rejected.values()))
-            log.warning("readings_dead_lettered", uplink=self.name, readings=len(rejected),
-                        reason=first)
+            log.warning(
+                "readings_dead_lettered", uplink=self.name, readings=len(rejected), reason=first
+            )
         return sent
 
     def _settle_windows(
@@ -258,8 +263,15 @@ class UplinkRunner:
         self._resume_at = time.monotonic() + delay
         event = "uplink_failed" if self.state is not new_state else "uplink_still_failing"
         level = log.warning if event == "uplink_failed" else log.debug
-        level(event, uplink=self.name, state=new_state.value, outcome=failure.outcome.value,
-              status=failure.status, error=failure.message, retry_in_s=round(delay, 2))
+        level(
+            event,
+            uplink=self.name,
+            state=new_state.value,
+            outcome=failure.outcome.value,
+            status=failure.status,
+            error=failure.message,
+            retry_in_s=round(delay, 2),
+        )
         self.state = new_state
 
     def _note_moved(self, result: SendResult) -> None:

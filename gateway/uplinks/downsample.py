@@ -43,8 +43,9 @@ class Downsampler:
     """Holds, per series, the start of the last window handed out (persisted by the caller)."""
 
     def __init__(self, routes: Mapping[str, RouteBase], sent: Mapping[str, int] | None = None):
-        self._width = {s: int(r.min_interval_s * 1000) for s, r in routes.items()
-                       if r.min_interval_s > 0}
+        self._width = {
+            s: int(r.min_interval_s * 1000) for s, r in routes.items() if r.min_interval_s > 0
+        }
         self._mode = {s: r.downsample for s, r in routes.items()}
         self.sent: dict[str, int] = dict(sent or {})
 
@@ -65,8 +66,10 @@ class Downsampler:
             start = it.ts - it.ts % w
             last = self.sent.get(it.series)
             if last is not None and start <= last:
-                out.late[it.id] = (f"arrived after its {w // 1000}s window starting "
-                                   f"{start} ms was sent (at most one value per window)")
+                out.late[it.id] = (
+                    f"arrived after its {w // 1000}s window starting "
+                    f"{start} ms was sent (at most one value per window)"
+                )
                 continue
             windows.setdefault((it.series, start), []).append(it)
             newest[it.series] = max(newest.get(it.series, it.ts), it.ts)
@@ -102,7 +105,7 @@ def _aggregate(members: list[StoredReading], mode: str, start: int) -> StoredRea
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     value = last.value
     if numeric and mode != "last":
-        nums = [float(v) for v in values]  # type: ignore[arg-type]
+        nums = [float(v) for v in values]
         if mode == "mean":
             value = sum(nums) / len(nums)
         elif mode == "min":

@@ -27,7 +27,7 @@ def make_client(
     timeout_s: float, *, verify: bool = True, ca_file: Path | None = None
 ) -> httpx.AsyncClient:
     """An AsyncClient with explicit per-phase timeouts and TLS verification on by default."""
-    import httpx  # noqa: PLC0415 - kept off the config-loading import path
+    import httpx
 
     tls: ssl.SSLContext | bool
     if not verify:
@@ -61,7 +61,11 @@ def retry_after(headers: Any) -> float | None:
 
 def reason_text(response: httpx.Response) -> str:
     text = response.text.strip().replace("\n", " ")
-    return f"HTTP {response.status_code}: {text[:MAX_REASON]}" if text else f"HTTP {response.status_code}"
+    return (
+        f"HTTP {response.status_code}: {text[:MAX_REASON]}"
+        if text
+        else f"HTTP {response.status_code}"
+    )
 
 
 def classify(response: httpx.Response) -> SendResult:
@@ -84,7 +88,7 @@ def classify(response: httpx.Response) -> SendResult:
 
 def transport_failure(exc: Exception) -> SendResult:
     """A network-level failure (refused, reset, timeout, TLS) as a transient result."""
-    import httpx  # noqa: PLC0415
+    import httpx
 
     if isinstance(exc, httpx.TimeoutException):
         kind = "timeout"
