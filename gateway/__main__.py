@@ -4,6 +4,7 @@
 ``fieldgate run [-c FILE]``        run the gateway (default /etc/fieldgate/fieldgate.toml)
 ``fieldgate demo``                 simulated devices + local stand-ins of the services, offline
 ``fieldgate check-config FILE``    validate; every error as ``toml.path (line N) -> message``
+``fieldgate check-uplink NAME``    prove an uplink's mapping and token without storing (NILU)
 ``fieldgate queue [-c FILE]``      backlog per uplink, oldest pending age, dead letters
 ``fieldgate dead-letters list|replay UPLINK [-c FILE]``   inspect or requeue dead letters
 =================================  ==========================================================
@@ -83,7 +84,46 @@ async def _probe(loaded: LoadedConfig) -> int:
         except FieldgateError as exc:
             failures += 1
             print(f"{src.name}: probe failed: {exc}")
+    for i, up in enumerate(loaded.settings.uplinks):
+        if up.type != "vanda":
+            continue
+        from gateway.uplinks.vanda import probe_examination_types
+
+        try:
+            lines = await probe_examination_types(
+                up,
+                loaded.secret(f"uplinks[{i}].client_id"),
+                loaded.secret(f"uplinks[{i}].client_secret"),
+            )
+        except FieldgateError as exc:
+            failures += 1
+            print(f"{up.name}: probe failed: {exc}")
+            continue
+        for line in lines or ["examination types match the built-in table"]:
+            print(f"{up.name}: {line}")
     return 1 if failures else 0
+
+
+def cmd_check_uplink(args: argparse.Namespace) -> int:
+    """Prove an uplink's mapping and credentials without storing data, where the service can."""
+    loaded = _load(_config_path(args.config))
+    try:
+        cfg = loaded.settings.uplink(args.uplink)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    index = loaded.settings.uplinks.index(cfg)
+    if cfg.type == "nilu":
+        from gateway.uplinks.nilu import pushtest
+
+        lines = asyncio.run(pushtest(cfg, loaded.secret(f"uplinks[{index}].token")))
+    else:
+        print(f"{cfg.name}: the {cfg.type} service offers no test that stores nothing; "
+              "use `fieldgate check-config --probe` or watch /status after start", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(line)
+    return 1 if any(line.startswith("FAIL") for line in lines) else 0
 
 
 def _source_module(kind: str) -> Any:
@@ -195,6 +235,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("file", nargs="?")
     c.add_argument("--probe", action="store_true", help="also read each device once")
     c.set_defaults(func=cmd_check_config)
+
+    cu = sub.add_parser("check-uplink", help="prove an uplink's mapping and token (NILU pushtest)")
+    cu.add_argument("uplink")
+    cu.add_argument("-c", "--config")
+    cu.set_defaults(func=cmd_check_uplink)
 
     q = sub.add_parser("queue", help="backlog per uplink")
     q.add_argument("-c", "--config")

@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, assert_never
 
 import structlog
@@ -72,6 +73,10 @@ def build_source(cfg: SourceConfig, loaded: LoadedConfig, positions: PositionBoa
             from gateway.sources.sdi12 import Sdi12Source
 
             return Sdi12Source(cfg)
+        case "modbus":
+            from gateway.sources.modbus import ModbusSource
+
+            return ModbusSource(cfg, loaded.path.parent if loaded.path else Path.cwd())
         case _:
             assert_never(cfg.type)
 
@@ -82,6 +87,18 @@ def build_uplink(index: int, cfg: UplinkConfig, loaded: LoadedConfig) -> Uplink:
             from gateway.uplinks.qatium import QatiumUplink
 
             return QatiumUplink(cfg, loaded.secret(f"uplinks[{index}].token"))
+        case "nilu":
+            from gateway.uplinks.nilu import NiluUplink
+
+            return NiluUplink(cfg, loaded.secret(f"uplinks[{index}].token"))
+        case "vanda":
+            from gateway.uplinks.vanda import VandaUplink
+
+            return VandaUplink(
+                cfg,
+                loaded.secret(f"uplinks[{index}].client_id"),
+                loaded.secret(f"uplinks[{index}].client_secret"),
+            )
         case _:
             assert_never(cfg.type)
 

@@ -55,10 +55,13 @@ from gateway.configbase import (  # re-exported: the config API in one place
     world_readable,
 )
 from gateway.errors import ConfigError
+from gateway.sources.modbus_config import PROFILE_BASE_DIR, ModbusSourceConfig
 from gateway.sources.nmea import NmeaConfig
 from gateway.sources.sdi12 import Sdi12Config
 from gateway.sources.serial import SerialLinesConfig
+from gateway.uplinks.nilu import NiluConfig
 from gateway.uplinks.qatium import QatiumConfig
+from gateway.uplinks.vanda import VandaConfig
 
 __all__ = [
     "KNOWN_SECRETS",
@@ -91,11 +94,11 @@ EX_CONFIG = 78
 
 #: The registry of source types: one config model per plugin, dispatched on ``type``.
 SourceConfig = Annotated[
-    SyntheticSourceConfig | SerialLinesConfig | NmeaConfig | Sdi12Config,
+    SyntheticSourceConfig | SerialLinesConfig | NmeaConfig | Sdi12Config | ModbusSourceConfig,
     Field(discriminator="type"),
 ]
 #: The registry of uplink types.
-UplinkConfig = Annotated[QatiumConfig, Field(discriminator="type")]
+UplinkConfig = Annotated[QatiumConfig | NiluConfig | VandaConfig, Field(discriminator="type")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,10 +204,14 @@ def load_config_text(text: str, path: Path | None = None) -> LoadedConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("", f"TOML syntax error: {exc}")], where) from None
+    # Relative device-profile paths resolve against the config file's directory.
+    token = PROFILE_BASE_DIR.set(path.parent if path is not None else None)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError([_problem(err, data, text) for err in exc.errors()], where) from None
+    finally:
+        PROFILE_BASE_DIR.reset(token)
 
     problems: list[tuple[str, str]] = []
     warnings: list[str] = []

@@ -55,6 +55,9 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
 
 def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     stream = stream or sys.stdout
+    # pymodbus logs every fault the Modbus source already reports as a structured event, with
+    # raw frames appended: keep only its criticals.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()

@@ -122,6 +122,9 @@ class Lease:
     uplink: str
     ranges: list[tuple[int, int]]
     items: list[StoredReading]
+    #: Ids at which a range was cut short by the lease size: readings just past them (below a
+    #: cut live range, above a cut backfill range) were not leased.
+    cut_at: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -529,6 +532,7 @@ class Store:
     async def _lease(self, c: _Cursor, max_items: int, live_first: bool) -> Lease | None:
         items: list[StoredReading] = []
         ranges: list[tuple[int, int]] = []
+        cut_at: list[int] = []
         if c.retry_pending:
             items.extend(await self._lease_retry(c, max_items))
         top = self._max_id
@@ -540,6 +544,8 @@ class Store:
                 lo, hi = gaps[-1]
                 got = await self._select(c, lo, hi, room, newest=True)
                 covered_lo = got[-1].id if len(got) == room else lo
+                if len(got) == room:
+                    cut_at.append(covered_lo)
                 got.reverse()
                 items.extend(got)
                 ranges.append((covered_lo, hi))
@@ -553,13 +559,15 @@ class Store:
                 got = await self._select(c, lo, hi, room, newest=False)
                 items.extend(got)
                 ranges.append((lo, got[-1].id if len(got) == room else hi))
+                if len(got) == room:
+                    cut_at.append(got[-1].id)
                 room -= len(got)
         if not items and not ranges:
             return None
         for lo, hi in ranges:
             c.leased.add(lo, hi)
         c.leased_retry.update(i.id for i in items if i.id < 0)
-        return Lease(c.name, ranges, items)
+        return Lease(c.name, ranges, items, cut_at)
 
     async def _select(
         self, c: _Cursor, lo: int, hi: int, limit: int, *, newest: bool

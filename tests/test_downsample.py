@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from gateway.configbase import RouteBase, StoreConfig, UplinkConfigBase
 from gateway.models import Reading, StoredReading
 from gateway.store import Store
+from gateway.uplinks.base import Outcome, SendResult
 from gateway.uplinks.dispatch import UplinkRunner
 from gateway.uplinks.downsample import Downsampler
 
@@ -117,3 +118,101 @@ async def test_dispatcher_sends_one_value_per_window_and_accounts_for_all(store:
     assert store.uplink_stats("rule")["delivered"] == 100
     # The windows handed out survive a restart (no second value for a window after a crash).
     assert store.uplink_state("rule")["windows"]["s"] == t0 + 9 * MIN
+
+
+async def run_until_drained(store: Store, r: UplinkRunner, total: int) -> None:
+    task = asyncio.create_task(r.run())
+    try:
+        async with asyncio.timeout(30):
+            while store.uplink_stats("rule")["delivered"] + store.uplink_stats("rule")[
+                "dead_letters"
+            ] < total:
+                await store.wait_for_data(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("window_s", [60, 600])
+async def test_backlog_in_small_leases_is_never_late_nor_split(store: Store, window_s: int) -> None:
+    # Default order is live_first; the runner must still hand windows out in order, whole, even
+    # when a window holds more readings than a lease (600 s: 100 readings, leases of 30).
+    up = RuleUplink()
+    cfg = RoutedConfig(name="rule", rate_limit_requests=0, batch_max_items=3,
+                       routes=[RouteBase(series="s", min_interval_s=window_s, downsample="mean")])
+    r = UplinkRunner(up, cfg, store)  # type: ignore[arg-type]
+    w = window_s * 1000
+    now = int(time.time() * 1000)
+    t0 = now - now % w - 7 * w  # every window closed, grace included
+    n = 5 * w // 6_000
+    await store.ingest([Reading("s", t0 + k * 6_000, float(k)) for k in range(n)], durable=True)
+    await run_until_drained(store, r, n)
+    per = w // 6_000
+    assert up.received == [sum(range(i * per, (i + 1) * per)) / per for i in range(5)]
+    assert await store.dead_letters("rule") == []
+
+
+class GroupUplink(RuleUplink):
+    """Requests must carry whole groups (like one NILU packet per sensor and instant)."""
+
+    whole_groups = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[list[float]] = []
+
+    def group_key(self, item: StoredReading) -> object:
+        return item.ts
+
+    async def send(self, batch):  # type: ignore[no-untyped-def]
+        self.groups.append(sorted(float(i.value) for i in batch))
+        return await super().send(batch)
+
+
+async def test_a_cut_lease_never_splits_a_group(store: Store) -> None:
+    up = GroupUplink()
+    r = runner_for(store, up, batch_max_items=9)
+    t0 = int(time.time() * 1000) - 100_000
+    # 10 instants x 2 parameters; leases of 9 readings end in the middle of an instant.
+    await store.ingest([Reading("s", t0 + k * 1000, float(k * 10 + p)) for k in range(10)
+                        for p in range(2)], durable=True)
+    await run_until_drained(store, r, 20)
+    assert sorted(up.groups) == [[k * 10.0, k * 10.0 + 1] for k in range(10)]
+
+
+def runner_for(store: Store, up: RuleUplink, **kw: object) -> UplinkRunner:
+    cfg = UplinkConfigBase(name="rule", rate_limit_requests=0, **kw)  # type: ignore[arg-type]
+    return UplinkRunner(up, cfg, store)  # type: ignore[arg-type]
+
+
+class FailOldest(RuleUplink):
+    """The first batch: the oldest window fails (transient), the newer ones are delivered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_once = False
+
+    async def send(self, batch):  # type: ignore[no-untyped-def]
+        from gateway.uplinks.base import Failure
+
+        if not self.failed_once and len(batch) > 1:
+            self.failed_once = True
+            oldest = min(batch, key=lambda i: i.ts)
+            ok = [i for i in batch if i is not oldest]
+            self.received.extend(float(i.value) for i in ok)
+            return SendResult(delivered=[i.id for i in ok],
+                              failure=Failure(Outcome.TRANSIENT, "later", retry_after=0.01))
+        return await super().send(batch)
+
+
+async def test_partial_failure_does_not_make_older_windows_late(store: Store) -> None:
+    up = FailOldest()
+    cfg = RoutedConfig(name="rule", rate_limit_requests=0,
+                       routes=[RouteBase(series="s", min_interval_s=60)])
+    r = UplinkRunner(up, cfg, store)  # type: ignore[arg-type]
+    now = int(time.time() * 1000)
+    t0 = now - now % MIN - 6 * MIN
+    await store.ingest([Reading("s", t0 + k * 10_000, float(k)) for k in range(30)], durable=True)
+    await run_until_drained(store, r, 30)
+    assert await store.dead_letters("rule") == []
+    assert sorted(up.received) == [float(k) for k in range(5, 30, 6)]

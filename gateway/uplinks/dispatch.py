@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 
 #: Longest Retry-After honoured as given; a larger hint is capped (and still backs off).
 MAX_RETRY_AFTER_S = 3600.0
+#: Largest lease when open windows or groups keep a lease from sending anything.
+MAX_LEASE = 100_000
 
 
 class UplinkState(StrEnum):
@@ -80,6 +82,19 @@ class UplinkRunner:
         self.downsampler = Downsampler(routes, saved.get("windows"))
         #: When the last lease held readings back (open windows): wall ms when the first closes.
         self._hold_until_ms: int | None = None
+        #: Plugins whose requests must carry a whole group (one packet per instant) say so.
+        self.whole_groups = bool(getattr(uplink, "whole_groups", False))
+        self.live_first = cfg.order == "live_first"
+        self.workers = cfg.concurrency
+        if self.downsampler.active:
+            # Windows must be handed out in capture order and never split between two leases in
+            # flight: one worker, oldest first (a backfill window is then never "late").
+            if self.live_first or self.workers > 1:
+                log.info("uplink_downsampling_in_order", uplink=self.name,
+                         reason="min_interval_s routes: oldest_first, one worker")
+            self.live_first = False
+            self.workers = 1
+        self._lease_size = self._base_lease_size()
 
     # ------------------------------------------------------------------------------------------
 
@@ -90,15 +105,18 @@ class UplinkRunner:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            for i in range(self.cfg.concurrency):
+            for i in range(self.workers):
                 tg.create_task(self._worker(), name=f"uplink:{self.name}:{i}")
 
+    def _base_lease_size(self) -> int:
+        # Downsampling shrinks a lease to its aggregates: lease more so requests stay full.
+        return self.batch_limit * 10 if self.downsampler.active else self.batch_limit
+
     async def _worker(self) -> None:
-        live_first = self.cfg.order == "live_first"
         while True:
             while (wait := self._resume_at - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
-            lease = await self.store.lease(self.name, self.batch_limit, live_first=live_first)
+            lease = await self.store.lease(self.name, self._lease_size, live_first=self.live_first)
             if lease is None:
                 await self.store.wait_for_data(timeout=2.0)
                 continue
@@ -110,7 +128,12 @@ class UplinkRunner:
             except BaseException:
                 self.store.release(lease)
                 raise
-            if not sent and self._hold_until_ms is not None:
+            if sent:
+                self._lease_size = self._base_lease_size()
+            elif len(lease.items) >= self._lease_size:
+                # A full lease that was all one open window (or group): lease more next time.
+                self._lease_size = min(self._lease_size * 4, MAX_LEASE)
+            elif self._hold_until_ms is not None:
                 # Only open windows pending: wait for them to close or for new data.
                 wait = (self._hold_until_ms - time.time() * 1000) / 1000
                 await self.store.wait_for_data(timeout=min(max(wait, 0.05), 5.0))
@@ -119,10 +142,15 @@ class UplinkRunner:
 
     async def process(self, lease: Lease) -> int:
         """Send one lease and record every item's outcome. Returns how many requests it sent."""
+        # A lease cut short by its size may end in the middle of a window or a group: what could
+        # go on past the cut is held back for the next lease instead of being sent in pieces.
+        cut = bool(lease.cut_at)
         if self.downsampler.active:
-            plan = self.downsampler.plan(lease.items)
+            plan = self.downsampler.plan(lease.items, cut=cut)
         else:
             plan = Plan(send=list(lease.items))
+        if cut and self.whole_groups and plan.send:
+            self._hold_cut_groups(plan, lease.cut_at)
         self._hold_until_ms = plan.hold_until_ms
         rejected: dict[int, str] = dict(plan.late)
         unfinished: list[int] = list(plan.held)
@@ -191,21 +219,42 @@ class UplinkRunner:
             )
         return sent
 
+    def _hold_cut_groups(self, plan: Plan, cut_at: list[int]) -> None:
+        key = self.uplink.group_key
+        by_id = {i.id: i for i in plan.send}
+        keys = {key(by_id[c]) for c in cut_at if c in by_id}
+        hold = [i for i in plan.send if key(i) in keys]
+        if not hold or len(hold) == len(plan.send):
+            return  # nothing at the cut, or one group larger than a lease: send what we have
+        plan.send = [i for i in plan.send if key(i) not in keys]
+        for i in hold:
+            plan.held.append(i.id)
+            plan.held.extend(plan.members.pop(i.id, []))
+
     def _settle_windows(
         self, plan: Plan, delivered: list[int], rejected: dict[int, str], unfinished: list[int]
     ) -> None:
         """Give every reading a downsampled aggregate stood for the aggregate's outcome."""
         by_id = {i.id: i for i in plan.send}
         done = set(delivered)
+        settled: list[StoredReading] = []
+        oldest_open: dict[str, int] = {}  # per series: the oldest window still to be sent
         for agg_id, others in plan.members.items():
+            agg = by_id[agg_id]
             if agg_id in done:
                 delivered.extend(others)
             elif agg_id in rejected:
                 rejected.update(dict.fromkeys(others, rejected[agg_id]))
             else:
                 unfinished.extend(others)
+                oldest_open[agg.series] = min(oldest_open.get(agg.series, agg.ts), agg.ts)
                 continue
-            self.downsampler.mark_sent(by_id[agg_id])
+            settled.append(agg)
+        for agg in settled:
+            # A window settled past one that must be sent again does not move the mark, or the
+            # older one would come back "late".
+            if agg.ts < oldest_open.get(agg.series, agg.ts + 1):
+                self.downsampler.mark_sent(agg)
 
     def _chunks(self, items: Sequence[StoredReading]) -> list[list[StoredReading]]:
         groups: dict[Hashable, list[StoredReading]] = {}
@@ -282,6 +331,7 @@ class UplinkRunner:
     def resume_now(self) -> None:
         """Forget the current backoff (used by tests and an operator's nudge)."""
         self._resume_at = 0.0
+        self.limiter.resume()
 
     def stuck(self, after_s: float) -> bool:
         """Pending readings and no delivery for ``after_s`` seconds."""

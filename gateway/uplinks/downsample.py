@@ -6,8 +6,10 @@ aligned to multiples of W since the epoch). The value is the window's aggregate 
 window's start, so a service with minute resolution never sees two values in one minute.
 
 A window is sent only once it is **closed**: a later reading of the same series is in hand, or the
-wall clock is past the window's end plus a grace (one window, at most 5 minutes). Readings of an
-open window are **held** (they stay pending, nothing is sent). A reading that arrives for a window
+wall clock is past the window's end plus a grace (one window, at most 5 minutes) and the lease was
+not cut short by its size. Readings of an open window are **held** (they stay pending, nothing is
+sent). The dispatcher runs such an uplink oldest-first with one worker, so windows are handed out
+in capture order and never split between two leases in flight. A reading that arrives for a window
 that was already sent (out of order, a repaired timestamp) is dead-lettered with that reason, so
 it stays visible and replayable instead of silently producing a second value.
 
@@ -53,7 +55,12 @@ class Downsampler:
     def active(self) -> bool:
         return bool(self._width)
 
-    def plan(self, items: Sequence[StoredReading], now_ms: int | None = None) -> Plan:
+    def plan(
+        self, items: Sequence[StoredReading], now_ms: int | None = None, *, cut: bool = False
+    ) -> Plan:
+        """Aggregate closed windows, hold open ones. ``cut``: the lease was full, so readings past
+        its end may belong to any window not yet closed by a later reading in hand; those windows
+        are held whatever the clock says."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         out = Plan()
         windows: dict[tuple[str, int], list[StoredReading]] = {}
@@ -77,7 +84,7 @@ class Downsampler:
             w = self._width[series]
             end = start + w
             grace = min(w, MAX_GRACE_MS)
-            if newest[series] < end and now < end + grace:
+            if newest[series] < end and (cut or now < end + grace):
                 out.held.extend(m.id for m in members)
                 close_at = end + grace
                 if out.hold_until_ms is None or close_at < out.hold_until_ms:

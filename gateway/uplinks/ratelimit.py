@@ -48,6 +48,10 @@ class RateLimiter:
     def pause_until(self, wall_time: float) -> None:
         self._paused_until = max(self._paused_until, wall_time)
 
+    def resume(self) -> None:
+        """Forget a Retry-After pause (the window itself still applies)."""
+        self._paused_until = 0.0
+
     def delay(self) -> float:
         """Seconds until the next request may go (0 when it may go now)."""
         now = self._clock()

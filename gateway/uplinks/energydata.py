@@ -1,0 +1,440 @@
+"""Energydata.dk uplink (shared/seeds/001_cde586ca57cf75ff.txt): MQTT live, batch import backfill.
+
+Wire contract, MQTT (document section 3): MQTT 3.1.1 over TLS (``mqtts.energydata.dk:8883``), the
+token as username (no password, as in the document's examples), QoS 1. A datastream's topic is
+``<dataset prefix>/<suffix>``. Single-value message on that topic::
+
+    {"timestamp": 1521797973469, "value": 14.47}
+
+Multi-value message on the bare prefix, grouping readings of one dataset that share a timestamp::
+
+    {"timestamp": 1521797973469, "value": {"my/topic/suffix1": 14.47, "my/topic/suffix2": 34}}
+
+Backpressure (3.6): the broker queues at most 1000 messages per client and drops what overflows,
+so at most ``window`` publishes are unacknowledged at any time (default 100), shared by every
+concurrent send; a reading is delivered only once its PUBACK arrived. See
+:mod:`gateway.uplinks.energydata_mqtt` for the connection, the window and how a not-authorised
+disconnect is recognised.
+
+Backfill (section 4): with ``[uplinks.backfill]`` configured, the oldest part of a large or old
+backlog goes through the batch import API instead (CSV, create, upload URL, PUT, validate, ingest;
+:mod:`gateway.uplinks.energydata_import`) while newer readings of the same batch are published
+over MQTT at the same time. Within one ``send``:
+
+* candidates: readings older than ``live_s`` on numeric datastreams (text never goes by CSV: an
+  empty cell of a string column imports an empty string, so a sparse row would invent values);
+* the candidates older than ``older_than_s`` go by import, or all candidates once the batch holds
+  at least ``larger_than`` of them (the batch is that large only when the backlog is);
+* fewer than ``min_readings`` readings never make an import (MQTT is cheaper for a handful).
+
+Choices where the document is silent, written down:
+
+* **Values** by the route's ``datatype`` ("double" default, "integer", "string"): booleans go as
+  1/0 on numeric datastreams; an integer datastream takes whole numbers only; text on a numeric
+  datastream, NaN and infinities are dead-lettered locally with the reason. A string datastream
+  takes the value's text (booleans as ``true``/``false``).
+* **Multi-value** is the default where it applies (two or more readings of one dataset with the
+  same timestamp); a message that would carry one value goes in the single-value form. A
+  multi-value message carries at most 100 values and never one suffix twice (a duplicate
+  reading goes in the next message).
+* **Client id**: ``client_id`` or, by default, ``fg`` + 20 hex digits of a hash of the machine id
+  (``/etc/machine-id``, else the host name) and the uplink name: stable across restarts, unique
+  across a fleet (two clients with one id would keep disconnecting each other).
+* **TLS**: on by default, verifying the broker's certificate and host name against the system CA
+  store, or only against ``ca_file`` when given. ``tls = false`` (plain TCP) is for local brokers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import socket
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+from pydantic import Field, model_validator
+
+from gateway.configbase import NAME_PATTERN, RouteBase, Secret, SecretRef, Strict, UplinkConfigBase
+from gateway.models import StoredReading, Value
+from gateway.uplinks.base import Failure, Outcome, SendResult
+
+if TYPE_CHECKING:
+    from gateway.uplinks.energydata_import import ImportBatcher
+    from gateway.uplinks.energydata_mqtt import WindowedPublisher
+
+log = structlog.get_logger(__name__)
+
+_PART = r"[A-Za-z0-9_.\-]+"
+#: The document: "The topic prefix is one string of alphanumerics" (its examples use hyphens).
+PREFIX_PATTERN = rf"^{_PART}$"
+#: "the suffix can be several alphanumeric strings separated by /".
+SUFFIX_PATTERN = rf"^{_PART}(/{_PART})*$"
+#: Most values in one multi-value message (keeps a message far below any packet limit).
+MULTI_MAX_VALUES = 100
+
+Datatype = Literal["double", "integer", "string"]
+
+
+class EnergydataDataset(Strict):
+    """A dataset: its topic prefix and how its readings are published."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    prefix: str = Field(pattern=PREFIX_PATTERN, max_length=200)
+    #: "multi": readings sharing a timestamp go in one message on the prefix; "single": one
+    #: message per reading on prefix/suffix.
+    messages: Literal["multi", "single"] = "multi"
+
+
+class EnergydataRoute(RouteBase):
+    """``series`` -> a datastream: dataset, topic suffix and (for the batch import) its id."""
+
+    dataset: str = Field(min_length=1)
+    suffix: str = Field(pattern=SUFFIX_PATTERN, max_length=200)
+    #: The datastream id, used as the CSV column header; without it the full topic is used.
+    datastream: int | None = Field(default=None, ge=1)
+    datatype: Datatype = "double"
+
+
+class BackfillConfig(Strict):
+    """``[uplinks.backfill]``: send the oldest part of a large or old backlog by batch import."""
+
+    #: The API base; the import endpoints are ``<url>/import...``.
+    url: str = Field(default="https://admin.energydata.dk/api/v1", pattern=r"^https?://")
+    #: A "batch import data" token; default: the uplink's MQTT token.
+    token: SecretRef | None = None
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    older_than_s: float = Field(default=3600.0, gt=0)
+    larger_than: int = Field(default=5000, ge=1)
+    live_s: float = Field(default=300.0, ge=0)
+    min_readings: int = Field(default=500, ge=1)
+    #: Per HTTP request.
+    timeout_s: float = Field(default=60.0, gt=0)
+    #: Longest pause between status polls (they start at 0.1 s and double).
+    poll_s: float = Field(default=5.0, gt=0)
+    #: Longest wait for validation, and again for ingestion, before giving up (transient).
+    max_wait_s: float = Field(default=600.0, gt=0)
+
+    def budget_s(self) -> float:
+        """Longest one import may take: two waits plus its requests."""
+        return 2 * self.max_wait_s + 8 * self.timeout_s
+
+
+class EnergydataConfig(UplinkConfigBase):
+    """``[[uplinks]] type = "energydata"``."""
+
+    type: Literal["energydata"]
+    host: str = Field(default="mqtts.energydata.dk", min_length=1)
+    #: Default 8883 with TLS, 1883 without.
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: bool = True
+    ca_file: Path | None = None
+    token: SecretRef
+    client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    keepalive_s: int = Field(default=60, ge=5, le=65535)
+    #: Most unacknowledged publishes at once; well under the broker's 1000-message queue.
+    window: int = Field(default=100, ge=1, le=1000)
+    ack_timeout_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=15.0, gt=0)
+    datasets: list[EnergydataDataset] = Field(min_length=1)
+    routes: list[EnergydataRoute] = Field(min_length=1)
+    backfill: BackfillConfig | None = None
+
+    # The shared machinery's knobs, set so the window stays full: a few large batches in flight
+    # (one of them may be a backfill import), no request rate limit (the window paces MQTT), and
+    # a send guard long enough for an import (MQTT phases have their own timeouts).
+    rate_limit_requests: int = Field(default=0, ge=0)
+    concurrency: int = Field(default=3, ge=1, le=64)
+    batch_max_items: int = Field(default=20_000, ge=1, le=1_000_000)
+    batch_max_bytes: int = Field(default=64 << 20, ge=256)
+    timeout_s: float = Field(default=1200.0, gt=0)
+    backoff_max_s: float = Field(default=120.0, gt=0)
+
+    route_model = EnergydataRoute
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EnergydataConfig:
+        names = [d.name for d in self.datasets]
+        prefixes = [d.prefix for d in self.datasets]
+        for what, values in (("dataset names", names), ("dataset prefixes", prefixes)):
+            dups = sorted({v for v in values if values.count(v) > 1})
+            if dups:
+                raise ValueError(f"{what} must be unique, repeated: {', '.join(dups)}")
+        by_name = dict(zip(names, self.datasets, strict=True))
+        topics: dict[str, str] = {}
+        ids: dict[int, str] = {}
+        for r in self.routes:
+            if r.dataset not in by_name:
+                raise ValueError(f"route {r.series!r}: no dataset named {r.dataset!r} "
+                                 f"(known: {', '.join(names)})")
+            topic = f"{by_name[r.dataset].prefix}/{r.suffix}"
+            if topic in topics:
+                raise ValueError(f"routes {topics[topic]!r} and {r.series!r} both publish to "
+                                 f"topic {topic!r}")
+            topics[topic] = r.series
+            if r.datastream is not None:
+                if r.datastream in ids:
+                    raise ValueError(f"routes {ids[r.datastream]!r} and {r.series!r} share "
+                                     f"datastream {r.datastream}")
+                ids[r.datastream] = r.series
+        if self.backfill is not None and 2 * self.backfill.budget_s() > 3 * self.timeout_s:
+            # The dispatcher cuts a send at 3 x timeout_s; a send may wait for one import
+            # already running and then run its own.
+            need = math.ceil(2 * self.backfill.budget_s() / 3)
+            raise ValueError(f"timeout_s must be at least {need} with this backfill "
+                             "(2 x (2 x max_wait_s + 8 x timeout_s) <= 3 x timeout_s)")
+        return self
+
+    def resolved_port(self) -> int:
+        return self.port if self.port is not None else (8883 if self.tls else 1883)
+
+    def resolved_client_id(self) -> str:
+        if self.client_id:
+            return self.client_id
+        try:
+            machine = Path("/etc/machine-id").read_text(encoding="ascii").strip()
+        except OSError:
+            machine = ""
+        seed = f"{machine or socket.gethostname()}:{self.name}"
+        return "fg" + hashlib.sha256(seed.encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------------------------
+# Messages
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One MQTT publish and the readings it carries (delivered together on its PUBACK)."""
+
+    topic: str
+    payload: bytes
+    ids: tuple[int, ...]
+
+
+def wire_value(value: Value, datatype: Datatype) -> int | float | str:
+    """The JSON value for a datastream of ``datatype`` (call :func:`value_problem` first)."""
+    if datatype == "string":
+        if isinstance(value, str):
+            return value
+        return json.dumps(value)  # true/false, 12, 1.5
+    if isinstance(value, bool):
+        return int(value)
+    if datatype == "integer" and isinstance(value, float):
+        return int(value)
+    assert not isinstance(value, str)
+    return value
+
+
+def value_problem(value: Value | None, datatype: Datatype) -> str | None:
+    """Why ``value`` cannot go to a datastream of ``datatype``, or None."""
+    if value is None:
+        return "missing value"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"value {value!r} is not a finite number"
+    if datatype == "string":
+        return None
+    if isinstance(value, str):
+        return f"datastream type is {datatype}, got text {value[:40]!r}"
+    if datatype == "integer" and isinstance(value, float) and not value.is_integer():
+        return f"datastream type is integer, got {value!r}"
+    return None
+
+
+def _payload(ts: int, value: object) -> bytes:
+    return json.dumps({"timestamp": ts, "value": value}, separators=(",", ":"),
+                      ensure_ascii=False, allow_nan=False).encode()
+
+
+def build_messages(
+    batch: Sequence[StoredReading],
+    routes: Mapping[str, EnergydataRoute],
+    datasets: Mapping[str, EnergydataDataset],
+) -> list[Message]:
+    """The messages for ``batch`` in the order of their first reading (see module docstring).
+
+    Every reading of ``batch`` is in exactly one message. Routes must exist for every series.
+    """
+    singles: list[tuple[int, Message]] = []
+    groups: dict[tuple[str, int], list[StoredReading]] = {}
+    first: dict[tuple[str, int], int] = {}
+    for pos, r in enumerate(batch):
+        route = routes[r.series]
+        ds = datasets[route.dataset]
+        if ds.messages == "single":
+            value = wire_value(r.value, route.datatype)
+            singles.append((pos, Message(f"{ds.prefix}/{route.suffix}", _payload(r.ts, value),
+                                         (r.id,))))
+            continue
+        key = (ds.prefix, r.ts)
+        groups.setdefault(key, []).append(r)
+        first.setdefault(key, pos)
+    out = singles
+    for key, members in groups.items():
+        prefix, ts = key
+        pending = list(members)
+        while pending:
+            values: dict[str, int | float | str] = {}
+            ids: list[int] = []
+            later: list[StoredReading] = []
+            for r in pending:
+                route = routes[r.series]
+                if route.suffix in values or len(values) >= MULTI_MAX_VALUES:
+                    later.append(r)
+                    continue
+                values[route.suffix] = wire_value(r.value, route.datatype)
+                ids.append(r.id)
+            if len(ids) == 1:
+                # One value: the single-value form on the datastream's own topic.
+                (suffix, value), = values.items()
+                msg = Message(f"{prefix}/{suffix}", _payload(ts, value), tuple(ids))
+            else:
+                msg = Message(prefix, _payload(ts, values), tuple(ids))
+            out.append((first[key], msg))
+            pending = later
+    out.sort(key=lambda pm: pm[0])  # stable: a group's messages keep their order
+    return [m for _, m in out]
+
+
+# ----------------------------------------------------------------------------------------------
+# The plugin
+
+
+_SEVERITY = {Outcome.AUTH: 0, Outcome.TRANSIENT: 1, Outcome.TOO_LARGE: 2, Outcome.REJECTED: 3}
+
+
+def merge_results(results: Sequence[SendResult]) -> SendResult:
+    """One result from the MQTT part and the import part of a batch.
+
+    The remaining items share one failure, the most conservative one: auth keeps everything and
+    pauses, transient keeps everything; only when nothing worse happened does too-large split or
+    an unidentified rejection bisect.
+    """
+    delivered: list[int] = []
+    rejected: dict[int, str] = {}
+    failures: list[Failure] = []
+    for r in results:
+        delivered.extend(r.delivered)
+        rejected.update(r.rejected)
+        if r.failure is not None:
+            failures.append(r.failure)
+    failure = min(failures, key=lambda f: _SEVERITY.get(f.outcome, 1)) if failures else None
+    return SendResult(delivered=delivered, rejected=rejected, failure=failure)
+
+
+class EnergydataUplink:
+    """The Energydata.dk plugin: one long-lived MQTT connection plus the optional backfill."""
+
+    def __init__(self, cfg: EnergydataConfig, token: Secret,
+                 import_token: Secret | None = None) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self._token = token
+        self._import_token = import_token or token
+        self._routes = {r.series: r for r in cfg.routes}
+        self._datasets = {d.name: d for d in cfg.datasets}
+        self._publisher: WindowedPublisher | None = None
+        self._importer: ImportBatcher | None = None
+
+    @property
+    def routes(self) -> Mapping[str, EnergydataRoute]:
+        return self._routes
+
+    @property
+    def publisher(self) -> WindowedPublisher:
+        """The MQTT side (created on first use; holds the connection and its counters)."""
+        if self._publisher is None:
+            from gateway.uplinks.energydata_mqtt import WindowedPublisher
+
+            self._publisher = WindowedPublisher(self.cfg, self._token)
+        return self._publisher
+
+    @property
+    def importer(self) -> ImportBatcher | None:
+        """The backfill side, or None when no ``[uplinks.backfill]`` is configured."""
+        if self._importer is None and self.cfg.backfill is not None:
+            from gateway.uplinks.energydata_import import ImportBatcher
+
+            self._importer = ImportBatcher(self.cfg, self._import_token)
+        return self._importer
+
+    async def aclose(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        importer, self._importer = self._importer, None
+        if publisher is not None:
+            await publisher.aclose()
+        if importer is not None:
+            await importer.aclose()
+
+    # -- the plugin contract ---------------------------------------------------------------------
+
+    def check(self, item: StoredReading) -> str | None:
+        if item.ts <= 0:
+            return f"timestamp {item.ts} is not after 1970"
+        return value_problem(item.value, self._routes[item.series].datatype)
+
+    def group_key(self, item: StoredReading) -> Hashable:
+        return None  # a batch may mix datasets: every message names its own topic
+
+    def item_size(self, item: StoredReading) -> int:
+        return 48 + len(self._routes[item.series].suffix)
+
+    def split(self, batch: Sequence[StoredReading], now_ms: int | None = None
+              ) -> tuple[list[StoredReading], list[StoredReading]]:
+        """(for the batch import, for MQTT) per the module docstring's rules."""
+        bf = self.cfg.backfill
+        if bf is None:
+            return [], list(batch)
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        live_before = now - int(bf.live_s * 1000)
+        old_before = now - int(bf.older_than_s * 1000)
+        candidates = [r for r in batch
+                      if r.ts < live_before and self._routes[r.series].datatype != "string"]
+        chosen = (candidates if len(candidates) >= bf.larger_than
+                  else [r for r in candidates if r.ts < old_before])
+        if len(chosen) < bf.min_readings:
+            return [], list(batch)
+        picked = {r.id for r in chosen}
+        return chosen, [r for r in batch if r.id not in picked]
+
+    async def send(self, batch: Sequence[StoredReading]) -> SendResult:
+        backfill, live = self.split(batch)
+        if not backfill:
+            return await self._publish(live)
+        importer = self.importer
+        assert importer is not None
+        log.info("energydata_backfill", uplink=self.name, readings=len(backfill),
+                 live=len(live))
+        # Both at once: the live part is published while the import runs.
+        async with asyncio.TaskGroup() as tg:
+            imp = tg.create_task(importer.submit(backfill), name=f"uplink:{self.name}:import")
+            pub = tg.create_task(self._publish(live), name=f"uplink:{self.name}:publish")
+        return merge_results([pub.result(), imp.result()])
+
+    async def _publish(self, items: Sequence[StoredReading]) -> SendResult:
+        if not items:
+            return SendResult()
+        messages = build_messages(items, self._routes, self._datasets)
+        acked, failure = await self.publisher.publish(messages)
+        return SendResult(delivered=[i for m in acked for i in m.ids], failure=failure)
+
+    def resume_now(self) -> None:
+        """Try refused topics and a lost connection again at the next send (pair it with the
+        runner's ``resume_now``: an operator's nudge after fixing the token's permissions)."""
+        if self._publisher is not None:
+            self._publisher.forgive()
+
+    def status(self) -> dict[str, object]:
+        """Counters for tests, benchmarks and /status (no secrets)."""
+        out: dict[str, object] = {}
+        if self._publisher is not None:
+            out["mqtt"] = self._publisher.status()
+        if self._importer is not None:
+            out["backfill"] = self._importer.status()
+        return out
