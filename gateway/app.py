@@ -91,6 +91,17 @@ def build_uplink(index: int, cfg: UplinkConfig, loaded: LoadedConfig) -> Uplink:
             from gateway.uplinks.nilu import NiluUplink
 
             return NiluUplink(cfg, loaded.secret(f"uplinks[{index}].token"))
+        case "energydata":
+            from gateway.uplinks.energydata import EnergydataUplink
+
+            key = f"uplinks[{index}]"
+            backfill = cfg.backfill
+            imp = (
+                loaded.secret(f"{key}.backfill.token")
+                if backfill is not None and backfill.token is not None
+                else None
+            )
+            return EnergydataUplink(cfg, loaded.secret(f"{key}.token"), imp)
         case "vanda":
             from gateway.uplinks.vanda import VandaUplink
 

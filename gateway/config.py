@@ -59,6 +59,7 @@ from gateway.sources.modbus_config import PROFILE_BASE_DIR, ModbusSourceConfig
 from gateway.sources.nmea import NmeaConfig
 from gateway.sources.sdi12 import Sdi12Config
 from gateway.sources.serial import SerialLinesConfig
+from gateway.uplinks.energydata import EnergydataConfig
 from gateway.uplinks.nilu import NiluConfig
 from gateway.uplinks.qatium import QatiumConfig
 from gateway.uplinks.vanda import VandaConfig
@@ -98,7 +99,9 @@ SourceConfig = Annotated[
     Field(discriminator="type"),
 ]
 #: The registry of uplink types.
-UplinkConfig = Annotated[QatiumConfig | NiluConfig | VandaConfig, Field(discriminator="type")]
+UplinkConfig = Annotated[
+    QatiumConfig | NiluConfig | VandaConfig | EnergydataConfig, Field(discriminator="type")
+]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -145,6 +145,8 @@ class _Cursor:
     state: dict[str, Any] = field(default_factory=dict)
     sql_in: str = "()"
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Serialises read-modify-write of ``done`` (completions in parallel, eviction).
+    done_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(slots=True)
@@ -615,31 +617,32 @@ class Store:
             (c.name, by_id[i].series, *(_to_row(0, 0, _as_reading(by_id[i]))[2:]), reason, now_ms)
             for i, reason in rejected.items()
         ]
-        retry_done = [(-i,) for i in [*delivered, *rejected] if i < 0]
-        new_done = c.done.copy()
-        for lo, hi in lease.ranges:
-            cur = lo
-            for k in keep:
-                if lo <= k <= hi:
-                    new_done.add(cur, k - 1)
-                    cur = k + 1
-            new_done.add(cur, hi)
-        positive_done = sum(1 for i in delivered if i > 0) + sum(1 for i in rejected if i > 0)
-        async with self._txn() as w:
-            if dead:
-                await w.executemany(
-                    "INSERT INTO dead_letters (uplink, series, ts, value, flags, lat, lon, "
-                    "alt, reason, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    dead,
+        async with c.done_lock:
+            retry_done = [(-i,) for i in [*delivered, *rejected] if i < 0]
+            new_done = c.done.copy()
+            for lo, hi in lease.ranges:
+                cur = lo
+                for k in keep:
+                    if lo <= k <= hi:
+                        new_done.add(cur, k - 1)
+                        cur = k + 1
+                new_done.add(cur, hi)
+            positive_done = sum(1 for i in delivered if i > 0) + sum(1 for i in rejected if i > 0)
+            async with self._txn() as w:
+                if dead:
+                    await w.executemany(
+                        "INSERT INTO dead_letters (uplink, series, ts, value, flags, lat, lon, "
+                        "alt, reason, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        dead,
+                    )
+                if retry_done:
+                    await w.executemany("DELETE FROM retry WHERE id = ?", retry_done)
+                await w.execute(
+                    "UPDATE uplinks SET done = ?, live_mark = ?, delivered = delivered + ?, "
+                    "rejected = rejected + ? WHERE name = ?",
+                    (new_done.to_json(), c.live_mark, len(delivered), len(rejected), c.name),
                 )
-            if retry_done:
-                await w.executemany("DELETE FROM retry WHERE id = ?", retry_done)
-            await w.execute(
-                "UPDATE uplinks SET done = ?, live_mark = ?, delivered = delivered + ?, "
-                "rejected = rejected + ? WHERE name = ?",
-                (new_done.to_json(), c.live_mark, len(delivered), len(rejected), c.name),
-            )
-        c.done = new_done
+            c.done = new_done
         for lo, hi in lease.ranges:
             c.leased.remove(lo, hi)
         c.leased_retry.difference_update(i.id for i in lease.items if i.id < 0)
@@ -737,15 +740,16 @@ class Store:
         await self._delete_upto(upto)
         total = 0
         for c in self._cursors.values():
-            c.done.add(0, upto)
             c.evicted += counts[c.name]
             c.backlog = max(0, c.backlog - counts[c.name])
             total += counts[c.name]
-            async with self._wlock:
-                await self._write.execute(
-                    "UPDATE uplinks SET done = ?, evicted = ? WHERE name = ?",
-                    (c.done.to_json(), c.evicted, c.name),
-                )
+            async with c.done_lock:
+                c.done.add(0, upto)
+                async with self._wlock:
+                    await self._write.execute(
+                        "UPDATE uplinks SET done = ?, evicted = ? WHERE name = ?",
+                        (c.done.to_json(), c.evicted, c.name),
+                    )
         self.evicted_total += total
         if total:
             log.warning(

@@ -154,9 +154,9 @@ def validate_csv(data: bytes, datastreams: Iterable[Datastream]
                     continue
                 value = _typed(cell, col.type)
                 if value is _BAD:
-                    err(line, h, f"value {cell!r} is not a valid {ds.type}")
+                    err(line, h, f"value {cell!r} is not a valid {col.type}")
                 elif value is not None:
-                    rows.append((ds.id, ms, value))
+                    rows.append((col.id, ms, value))
     except csv.Error as exc:
         err(reader.line_num, None, f"not RFC 4180 CSV: {exc}")
     return rows, errors

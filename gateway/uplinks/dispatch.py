@@ -22,6 +22,7 @@ sent again after restart (at least once).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
@@ -78,6 +79,7 @@ class UplinkRunner:
         self.started_at = time.time()
         self.requests: dict[str, int] = {o.value: 0 for o in Outcome}
         self._resume_at = 0.0  # monotonic
+        self._nudge = asyncio.Event()  # set by resume_now() to wake a backing-off worker
         routes = {r.series: r for r in getattr(cfg, "routes", [])}
         self.downsampler = Downsampler(routes, saved.get("windows"))
         #: When the last lease held readings back (open windows): wall ms when the first closes.
@@ -115,7 +117,10 @@ class UplinkRunner:
     async def _worker(self) -> None:
         while True:
             while (wait := self._resume_at - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
+                self._nudge.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._nudge.wait()
             lease = await self.store.lease(self.name, self._lease_size, live_first=self.live_first)
             if lease is None:
                 await self.store.wait_for_data(timeout=2.0)
@@ -309,7 +314,9 @@ class UplinkRunner:
                 delay = min(max(failure.retry_after, 0.0), MAX_RETRY_AFTER_S)
                 self.limiter.pause_until(time.time() + delay)
             new_state = UplinkState.BACKING_OFF
-        self._resume_at = time.monotonic() + delay
+        # A later failure never shortens a wait already decided (a transient result after an
+        # auth failure must not turn the slow retry into a fast one).
+        self._resume_at = max(self._resume_at, time.monotonic() + delay)
         event = "uplink_failed" if self.state is not new_state else "uplink_still_failing"
         level = log.warning if event == "uplink_failed" else log.debug
         level(
@@ -332,6 +339,7 @@ class UplinkRunner:
         """Forget the current backoff (used by tests and an operator's nudge)."""
         self._resume_at = 0.0
         self.limiter.resume()
+        self._nudge.set()
 
     def stuck(self, after_s: float) -> bool:
         """Pending readings and no delivery for ``after_s`` seconds."""
@@ -343,7 +351,11 @@ class UplinkRunner:
 
     def status(self) -> dict[str, Any]:
         stats = self.store.uplink_stats(self.name)
+        # A plugin may add its own view (connection, in-flight window, import progress).
+        extra = getattr(self.uplink, "status", None)
+        plugin: dict[str, Any] = extra() if callable(extra) else {}
         return {
+            "service": plugin,
             "state": self.state.value,
             **stats,
             "last_error": self.last_error,
