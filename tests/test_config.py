@@ -11,6 +11,7 @@ import pytest
 
 from gateway.config import EX_CONFIG, KNOWN_SECRETS, load_config, load_config_text, locate
 from gateway.errors import ConfigError
+from gateway.sandbox.demo import DEMO_TOKENS
 
 GOOD = """
 [store]
@@ -156,7 +157,8 @@ def test_samples_and_example_configs_all_load(tmp_path: Path, monkeypatch: pytes
         for name in ("qatium", "energydata", "nilu", "datacooee", "vanda", "vanda_secret"):
             (creds / name).write_text("example-secret\n")
         monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-        monkeypatch.setenv("FIELDGATE_DEMO_QATIUM_TOKEN", "demo")
+        for var, value in DEMO_TOKENS.items():
+            monkeypatch.setenv(var, value)
         try:
             load_config(f)
         except ConfigError as exc:

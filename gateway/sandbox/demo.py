@@ -29,6 +29,7 @@ DEMO_TOKENS = {
     "FIELDGATE_DEMO_NILU_TOKEN": "demo-nilu-token",
     "FIELDGATE_DEMO_VANDA_CLIENT": "demo-client",
     "FIELDGATE_DEMO_VANDA_SECRET": "demo-vanda-secret",
+    "FIELDGATE_DEMO_ENERGYDATA_TOKEN": "demo-energydata-token",
 }
 
 
@@ -48,6 +49,7 @@ DEV_DIR = Path("/tmp/fieldgate-demo")
 MODBUS_PORT = 5020
 NILU_PORT = 8703
 VANDA_PORT = 8705
+MQTT_PORT = 8702
 
 
 async def _stand_ins(
@@ -74,6 +76,12 @@ async def _stand_ins(
         port=VANDA_PORT,
     )
     where["vanda"] = (await stack.enter_async_context(vanda)).url
+    from gateway.sandbox.mosquitto import Mosquitto
+
+    broker_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="fieldgate-demo-mqtt-"))
+    broker = Mosquitto(broker_dir, port=MQTT_PORT)
+    await stack.enter_async_context(broker)
+    where["energydata"] = f"mqtt://127.0.0.1:{MQTT_PORT} (mosquitto)"
     specs = profile_specs(REPO / "hardware/profiles/sdm630.toml", prefix="meter")
     meter = ModbusSimulator({1: specs}, transport="tcp", port=MODBUS_PORT)
     await stack.enter_async_context(meter)
