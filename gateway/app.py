@@ -102,6 +102,10 @@ def build_uplink(index: int, cfg: UplinkConfig, loaded: LoadedConfig) -> Uplink:
                 else None
             )
             return EnergydataUplink(cfg, loaded.secret(f"{key}.token"), imp)
+        case "datacooee":
+            from gateway.uplinks.datacooee import DatacooeeUplink
+
+            return DatacooeeUplink(cfg, loaded.secret(f"uplinks[{index}].api_key"))
         case "vanda":
             from gateway.uplinks.vanda import VandaUplink
 

@@ -59,6 +59,7 @@ from gateway.sources.modbus_config import PROFILE_BASE_DIR, ModbusSourceConfig
 from gateway.sources.nmea import NmeaConfig
 from gateway.sources.sdi12 import Sdi12Config
 from gateway.sources.serial import SerialLinesConfig
+from gateway.uplinks.datacooee import DatacooeeConfig
 from gateway.uplinks.energydata import EnergydataConfig
 from gateway.uplinks.nilu import NiluConfig
 from gateway.uplinks.qatium import QatiumConfig
@@ -100,7 +101,8 @@ SourceConfig = Annotated[
 ]
 #: The registry of uplink types.
 UplinkConfig = Annotated[
-    QatiumConfig | NiluConfig | VandaConfig | EnergydataConfig, Field(discriminator="type")
+    QatiumConfig | NiluConfig | VandaConfig | EnergydataConfig | DatacooeeConfig,
+    Field(discriminator="type"),
 ]
 
 

@@ -5,7 +5,8 @@ Route: ``POST /api/external/v1/inputs/{input_pk}/inputdata/`` with the headers
 a JSON:API document ``{"data": {"type": "SensorData", "id": "null", "attributes": {"value",
 "timestamp", "latitude"?, "longitude"?}, "relationships": {"sensor": {"data": {"type":
 "Sensor", "id": input_pk}}}}}``. 201 answers the document's response body: the stored resource
-with a service id and the timestamp echoed with microseconds (``...39.489000Z``).
+with a service id and the timestamp echoed with microseconds (``...39.489000Z``); the document's
+response table says "Empty" but its example shows this body, so we send the example's.
 
 Checks, in order (each answers a JSON:API error document, ``{"errors": [{"status", "code",
 "title", "detail", "source": {"pointer"}?}]}``, as ``application/vnd.api+json``):

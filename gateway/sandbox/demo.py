@@ -30,6 +30,7 @@ DEMO_TOKENS = {
     "FIELDGATE_DEMO_VANDA_CLIENT": "demo-client",
     "FIELDGATE_DEMO_VANDA_SECRET": "demo-vanda-secret",
     "FIELDGATE_DEMO_ENERGYDATA_TOKEN": "demo-energydata-token",
+    "FIELDGATE_DEMO_DATACOOEE_KEY": "demo-datacooee-key",
 }
 
 
@@ -50,6 +51,7 @@ MODBUS_PORT = 5020
 NILU_PORT = 8703
 VANDA_PORT = 8705
 MQTT_PORT = 8702
+DATACOOEE_PORT = 8704
 
 
 async def _stand_ins(
@@ -76,6 +78,11 @@ async def _stand_ins(
         port=VANDA_PORT,
     )
     where["vanda"] = (await stack.enter_async_context(vanda)).url
+    from gateway.sandbox.datacooee import DatacooeeEmulator
+
+    datacooee = DatacooeeEmulator("demo-org", DEMO_TOKENS["FIELDGATE_DEMO_DATACOOEE_KEY"],
+                                  inputs=["senriver1temp", "senvantemp"], port=DATACOOEE_PORT)
+    where["datacooee"] = (await stack.enter_async_context(datacooee)).url
     from gateway.sandbox.mosquitto import Mosquitto
 
     broker_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="fieldgate-demo-mqtt-"))

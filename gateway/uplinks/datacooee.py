@@ -21,6 +21,10 @@ Choices where the document is silent or loose, written down:
   prose's ``ORGANIZATION_ID`` is a variable name; proxies drop underscore headers). We also send
   ``Accept: application/vnd.api+json`` as the document's non-curl examples do.
 * **id**: the literal string ``"null"``, exactly as the document's template and examples.
+* **Body**: compact JSON, pure ASCII (non-ASCII text as ``\\uXXXX``), no charset parameter
+  (JSON:API forbids media type parameters on ``application/vnd.api+json``).
+* **Credentials**: the API key is a secret reference; the organisation id is an identifier kept
+  in plain config (it names the account, it does not grant access). Neither is ever logged.
 * **Values** are strings (the definitions table): integers in decimal (``"42"``); floats as the
   shortest text that reads back as the same float, in positional notation (``"12.5"``,
   ``"0.0000001"``, never ``1e-07``), ``-0.0`` as ``"0.0"``; booleans ``"1"``/``"0"`` by default
@@ -34,7 +38,8 @@ Choices where the document is silent or loose, written down:
   A position outside WGS84 ranges is left out rather than losing the reading's value.
 * **Rate**: the document states no limit. Defaults are conservative: 60 requests per minute,
   2 in flight, ``batch_max_items`` fixed at 1 (the API takes one value per request).
-* **Answers**: any 2xx is delivered (the service stored it; re-sending would duplicate).
+* **Answers**: any 2xx is delivered (the service stored it; re-sending would duplicate); the
+  201 body is not read (the document's table says "Empty", its example shows the resource).
   400/422 is a rejection of that reading with the service's JSON:API ``errors[].detail`` as
   reason. 404 *with a JSON:API errors body* means the service does not know the input id: a
   mapping error for that series, rejected with a reason naming the input (replay the dead letters

@@ -36,7 +36,7 @@ async def test_demo_delivers_and_stops_cleanly(tmp_path: object) -> None:
                 while True:
                     status = (await client.get("/status")).json()
                     up = status["uplinks"]
-                    if all(up[n]["delivered"] > 0 for n in ("qatium", "vanda", "energydata")):
+                    if all(up[n]["delivered"] > 0 for n in ("qatium", "vanda", "energydata", "datacooee")):
                         break
                     # Polling another process's endpoint: the interval only paces the requests.
                     await asyncio.sleep(0.25)
