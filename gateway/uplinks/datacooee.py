@@ -222,7 +222,9 @@ class DatacooeeUplink:
         self.cfg = cfg
         self._api_key = api_key
         self._routes = {r.series: r for r in cfg.routes}
-        self._client: httpx.AsyncClient | None = None
+        self._client = http.LazyClient(
+            cfg.timeout_s, verify=cfg.verify_tls, ca_file=cfg.ca_file
+        )
         self._unknown_inputs: set[str] = set()  # warned about once each
 
     @property
@@ -230,16 +232,10 @@ class DatacooeeUplink:
         return self._routes
 
     def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = http.make_client(
-                self.cfg.timeout_s, verify=self.cfg.verify_tls, ca_file=self.cfg.ca_file
-            )
-        return self._client
+        return self._client.get()
 
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self._client.aclose()
 
     # -- the plugin contract ---------------------------------------------------------------------
 

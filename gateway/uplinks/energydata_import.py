@@ -170,20 +170,17 @@ class ImportClient:
         prefixes = {d.name: d.prefix for d in cfg.datasets}
         self._headers = {r.series: str(r.datastream) if r.datastream is not None
                          else f"{prefixes[r.dataset]}/{r.suffix}" for r in cfg.routes}
-        self._client: httpx.AsyncClient | None = None
+        self._client = http.LazyClient(
+            self.cfg.timeout_s, verify=self.cfg.verify_tls, ca_file=self.cfg.ca_file
+        )
         self.imports = 0
         self.last_import: dict[str, object] | None = None
 
     def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = http.make_client(self.cfg.timeout_s, verify=self.cfg.verify_tls,
-                                            ca_file=self.cfg.ca_file)
-        return self._client
+        return self._client.get()
 
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self._client.aclose()
 
     async def run(self, items: Sequence[StoredReading]) -> SendResult:
         """Import ``items``: delivered on "done", rows refused by validation rejected."""

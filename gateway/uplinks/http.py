@@ -44,6 +44,29 @@ def make_client(
     )
 
 
+class LazyClient:
+    """An uplink's one HTTP client: made on first use (so loading a config opens nothing),
+    closed by :meth:`aclose`, which is idempotent; a later :meth:`get` makes a fresh one."""
+
+    __slots__ = ("_ca_file", "_client", "_timeout_s", "_verify")
+
+    def __init__(self, timeout_s: float, *, verify: bool = True, ca_file: Path | None = None):
+        self._timeout_s = timeout_s
+        self._verify = verify
+        self._ca_file = ca_file
+        self._client: httpx.AsyncClient | None = None
+
+    def get(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = make_client(self._timeout_s, verify=self._verify, ca_file=self._ca_file)
+        return self._client
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+
 def retry_after(headers: Any) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
     raw = headers.get("retry-after")

@@ -254,22 +254,19 @@ class NiluUplink:
             for s in cfg.sensors
         }
         self._warned_incomplete: set[int] = set()
-        self._client: httpx.AsyncClient | None = None
+        self._client = http.LazyClient(
+            cfg.timeout_s, verify=cfg.verify_tls, ca_file=cfg.ca_file
+        )
 
     @property
     def routes(self) -> Mapping[str, NiluRoute]:
         return self._routes
 
     def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = http.make_client(
-                self.cfg.timeout_s, verify=self.cfg.verify_tls, ca_file=self.cfg.ca_file)
-        return self._client
+        return self._client.get()
 
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self._client.aclose()
 
     # -- the plugin contract ---------------------------------------------------------------------
 
