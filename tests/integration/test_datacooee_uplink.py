@@ -6,7 +6,6 @@ Real store, real UplinkRunner, real plugin, real aiohttp server. Every wait is o
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,13 +14,14 @@ from typing import Any
 import pytest
 import structlog
 
-from gateway.config import Secret, StoreConfig
+from gateway.config import Secret
 from gateway.models import Position, Reading
 from gateway.sandbox.datacooee import DatacooeeEmulator, InputData
 from gateway.sandbox.emulator import ManualClock
-from gateway.store import Store
 from gateway.uplinks.datacooee import DatacooeeConfig, DatacooeeUplink
-from gateway.uplinks.dispatch import UplinkRunner, UplinkState
+from gateway.uplinks.dispatch import UplinkState
+
+from .uplink_harness import Harness, Harnesses
 
 ORG = "ZnlvcWXXXXXXXXXXXXXXXXXXXX5ieXVieHgudng="
 KEY = "f13d34b-test-key-0123456789a5da135d61"
@@ -37,62 +37,23 @@ INPUTS = {"senlevel01": "number", "sencount01": "number", "senrun01": "number",
 Key = tuple[str, str, str, str | None, str | None]
 
 
-class Harness:
-    def __init__(self, store: Store, emu: DatacooeeEmulator, runner: UplinkRunner) -> None:
-        self.store, self.emu, self.runner = store, emu, runner
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.runner.run(), name="uplink:datacooee")
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.runner.uplink.aclose()
-
-    def stats(self) -> dict[str, Any]:
-        return self.store.uplink_stats("datacooee")
-
-    async def until(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await self.store.wait_for_data(0.05)
-
-
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    made: list[tuple[Harness, asyncio.Task[None]]] = []
-    emus: list[DatacooeeEmulator] = []
+    hs = Harnesses(tmp_path)
 
     async def make(key: str = KEY, emu_kw: dict[str, Any] | None = None,
                    **cfg_kw: object) -> Harness:
-        emu = DatacooeeEmulator(ORG, KEY, **{"inputs": INPUTS, **(emu_kw or {})})
-        await emu.start()
-        emus.append(emu)
+        emu = await hs.serve(DatacooeeEmulator(ORG, KEY, **{"inputs": INPUTS, **(emu_kw or {})}))
         data: dict[str, object] = {
             "name": "datacooee", "type": "datacooee", "url": emu.url, "organization_id": ORG,
             "api_key": {"env": "UNUSED"}, "routes": ROUTES, "backoff_initial_s": 0.05,
             "backoff_max_s": 0.2, "timeout_s": 5, "rate_limit_requests": 0, **cfg_kw,
         }
         cfg = DatacooeeConfig.model_validate(data)
-        store = await Store.open(StoreConfig(path=tmp_path / f"d{len(made)}.db",
-                                             commit_interval_ms=10),
-                                 {"datacooee": cfg.routed_series()})
-        writer = asyncio.create_task(store.run(), name="store:writer")
-        uplink = DatacooeeUplink(cfg, Secret(key, "test"))
-        h = Harness(store, emu, UplinkRunner(uplink, cfg, store))
-        made.append((h, writer))
-        return h
+        return await hs.build(cfg, DatacooeeUplink(cfg, Secret(key, "test")), emu)
 
     yield make
-    for h, writer in made:
-        await h.stop()
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
-        await h.store.aclose()
-    for emu in emus:
-        await emu.aclose()
+    await hs.aclose()
 
 
 def now_s() -> int:

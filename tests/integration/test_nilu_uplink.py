@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
@@ -13,12 +12,13 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from gateway.config import Secret, StoreConfig
+from gateway.config import Secret
 from gateway.models import Position, Reading
 from gateway.sandbox.nilu import Converter, NiluEmulator, SensorSchema
-from gateway.store import Store
-from gateway.uplinks.dispatch import UplinkRunner, UplinkState
+from gateway.uplinks.dispatch import UplinkState
 from gateway.uplinks.nilu import NiluConfig, NiluUplink, pushtest
+
+from .uplink_harness import Harness, Harnesses
 
 TOKEN = "nilu-test-token-123"
 #: No daylight saving time and a half-hour offset: an offset mistake cannot hide.
@@ -69,60 +69,22 @@ def ncfg(url: str, series: Sequence[str] = ("aq.no2", "aq.pm10", "van.temp"),
     return NiluConfig.model_validate(data)
 
 
-class Harness:
-    def __init__(self, store: Store, emu: NiluEmulator, runner: UplinkRunner) -> None:
-        self.store, self.emu, self.runner = store, emu, runner
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.runner.run(), name="uplink:nilu")
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.runner.uplink.aclose()
-
-    async def until(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await self.store.wait_for_data(0.05)
-
-    def stats(self) -> dict[str, Any]:
-        return self.store.uplink_stats("nilu")
-
-
 Make = Callable[..., Any]
 
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Make]:
-    made: list[tuple[Harness, asyncio.Task[None]]] = []
-    emus: list[NiluEmulator] = []
+    hs = Harnesses(tmp_path)
 
     async def make(series: Sequence[str] = ("aq.no2", "aq.pm10", "van.temp"),
                    token: str = TOKEN, emu_kw: dict[str, Any] | None = None,
                    **cfg_kw: object) -> Harness:
-        emu = NiluEmulator(schemas(), TOKEN, **(emu_kw or {}))
-        await emu.start()
-        emus.append(emu)
+        emu = await hs.serve(NiluEmulator(schemas(), TOKEN, **(emu_kw or {})))
         cfg = ncfg(emu.url, series, **cfg_kw)
-        store = await Store.open(StoreConfig(path=tmp_path / f"n{len(made)}.db",
-                                             commit_interval_ms=10), {"nilu": cfg.routed_series()})
-        writer = asyncio.create_task(store.run(), name="store:writer")
-        runner = UplinkRunner(NiluUplink(cfg, Secret(token, "test")), cfg, store)
-        h = Harness(store, emu, runner)
-        made.append((h, writer))
-        return h
+        return await hs.build(cfg, NiluUplink(cfg, Secret(token, "test")), emu)
 
     yield make
-    for h, writer in made:
-        await h.stop()
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
-        await h.store.aclose()
-    for emu in emus:
-        await emu.aclose()
+    await hs.aclose()
 
 
 def minutes(n: int) -> list[int]:

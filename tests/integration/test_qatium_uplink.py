@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from gateway.config import Secret, StoreConfig
+from gateway.config import Secret
 from gateway.models import Reading
 from gateway.sandbox.qatium import QatiumEmulator
-from gateway.store import Store
-from gateway.uplinks.dispatch import UplinkRunner, UplinkState
+from gateway.uplinks.dispatch import UplinkState
 from gateway.uplinks.qatium import QatiumConfig, QatiumUplink, iso_time
+
+from .uplink_harness import Harness, Harnesses
 
 TOKEN = "qatium-test-token-123"
 ROUTES = [
@@ -34,52 +34,18 @@ def qcfg(url: str, **kw: object) -> QatiumConfig:
     return QatiumConfig.model_validate(data)
 
 
-class Harness:
-    def __init__(self, store: Store, emu: QatiumEmulator, runner: UplinkRunner) -> None:
-        self.store, self.emu, self.runner = store, emu, runner
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.runner.run(), name="uplink:qatium")
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.runner.uplink.aclose()
-
-    async def until(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await self.store.wait_for_data(0.05)
-
-
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
-    made: list[tuple[Harness, asyncio.Task[None]]] = []
-    emus: list[QatiumEmulator] = []
+    hs = Harnesses(tmp_path)
 
     async def make(token: str = TOKEN, emu_kw: dict[str, object] | None = None,
                    **cfg_kw: object) -> Harness:
-        emu = QatiumEmulator(token=TOKEN, assets=NETWORK, **(emu_kw or {}))  # type: ignore[arg-type]
-        await emu.start()
-        emus.append(emu)
+        emu = await hs.serve(QatiumEmulator(token=TOKEN, assets=NETWORK, **(emu_kw or {})))  # type: ignore[arg-type]
         cfg = qcfg(emu.url, **cfg_kw)
-        store = await Store.open(StoreConfig(path=tmp_path / f"q{len(made)}.db",
-                                             commit_interval_ms=10), {"qatium": cfg.routed_series()})
-        writer = asyncio.create_task(store.run(), name="store:writer")
-        h = Harness(store, emu, UplinkRunner(QatiumUplink(cfg, Secret(token, "test")), cfg, store))
-        made.append((h, writer))
-        return h
+        return await hs.build(cfg, QatiumUplink(cfg, Secret(token, "test")), emu)
 
     yield make
-    for h, writer in made:
-        await h.stop()
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
-        await h.store.aclose()
-    for emu in emus:
-        await emu.aclose()
+    await hs.aclose()
 
 
 def readings(n: int, start: int | None = None) -> list[Reading]:

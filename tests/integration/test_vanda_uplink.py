@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections import Counter
@@ -14,14 +13,15 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.config import Secret, StoreConfig
+from gateway.config import Secret
 from gateway.models import Reading, StoredReading
 from gateway.sandbox.emulator import ManualClock
 from gateway.sandbox.vanda import TOKEN_PATH, Measurement, VandaEmulator
-from gateway.store import Store
-from gateway.uplinks.dispatch import UplinkRunner, UplinkState
+from gateway.uplinks.dispatch import UplinkState
 from gateway.uplinks.vanda import VandaConfig, VandaUplink, probe_examination_types
 from gateway.uplinks.vanda_tables import EXAMINATION_TYPES, format_minute, round_result
+
+from .uplink_harness import Harness, Harnesses
 
 CLIENT, SECRET = "fieldgate-test-client", "vanda-test-secret-123"
 FIVE_MIN = 300_000
@@ -64,38 +64,9 @@ def vcfg(emu: VandaEmulator, **kw: object) -> VandaConfig:
     return VandaConfig.model_validate(data)
 
 
-class Harness:
-    def __init__(
-        self, store: Store, emu: VandaEmulator, runner: UplinkRunner, uplink: VandaUplink
-    ) -> None:
-        self.store, self.emu, self.runner, self.uplink = store, emu, runner, uplink
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.runner.run(), name="uplink:vanda")
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.uplink.aclose()
-
-    async def until(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await self.store.wait_for_data(0.05)
-
-    def stats(self) -> dict[str, Any]:
-        return self.store.uplink_stats("vanda")
-
-    async def drained(self) -> None:
-        await self.until(lambda: self.stats()["backlog"] == 0)
-
-
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    made: list[tuple[Harness, asyncio.Task[None]]] = []
-    emus: list[VandaEmulator] = []
+    hs = Harnesses(tmp_path)
 
     async def make(
         secret: str = SECRET,
@@ -103,28 +74,13 @@ async def env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         clock: Callable[[], float] = time.monotonic,
         **cfg_kw: object,
     ) -> Harness:
-        emu = VandaEmulator({CLIENT: SECRET}, **(emu_kw or {}))
-        await emu.start()
-        emus.append(emu)
+        emu = await hs.serve(VandaEmulator({CLIENT: SECRET}, **(emu_kw or {})))
         cfg = vcfg(emu, **cfg_kw)
-        store = await Store.open(
-            StoreConfig(path=tmp_path / f"v{len(made)}.db", commit_interval_ms=10),
-            {"vanda": cfg.routed_series()},
-        )
-        writer = asyncio.create_task(store.run(), name="store:writer")
         up = VandaUplink(cfg, Secret(CLIENT, "test"), Secret(secret, "test"), clock=clock)
-        h = Harness(store, emu, UplinkRunner(up, cfg, store), up)
-        made.append((h, writer))
-        return h
+        return await hs.build(cfg, up, emu)
 
     yield make
-    for h, writer in made:
-        await h.stop()
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
-        await h.store.aclose()
-    for emu in emus:
-        await emu.aclose()
+    await hs.aclose()
 
 
 def t0(hours_ago: int = 6) -> int:
