@@ -1,11 +1,13 @@
 """The supervisor: builds every part from the config, owns every task in one TaskGroup, and
 shuts down in order.
 
-Start-up: open the store (moving an unusable file aside), start the health server, tell
-systemd READY. Tasks: ``store:writer`` (group commits and maintenance), ``poll:<source>`` per
-source, ``uplink:<name>`` per uplink, ``watchdog``. A source or uplink task that raises is
-restarted with capped, jittered backoff and reported in /status; it never takes the process
-down. Only a corrupt store is fatal (exit 1: the next start moves the file aside).
+Start-up: open the store (moving an unusable file aside), attach the clock to it, start the
+health server, tell systemd READY. Tasks: ``store:writer`` (group commits and maintenance),
+``clock`` (sync state, steps, timestamp repair), ``poll:<source>`` per source, ``uplink:<name>``
+per uplink, ``watchdog``. Every reading a source emits is stamped by the clock on its way into
+the store (gateway/clock.py). A source or uplink task that raises is restarted with capped,
+jittered backoff and reported in /status; it never takes the process down. Only a corrupt store
+is fatal (exit 1: the next start moves the file aside).
 
 Shutdown (SIGTERM/SIGINT): STOPPING; stop polling; commit what the sources handed over; cancel
 the uplinks (in-flight sends are abandoned and their readings stay pending); close the store
@@ -27,7 +29,7 @@ import structlog
 
 from gateway import __version__
 from gateway.backoff import Backoff
-from gateway.clock import clock_state
+from gateway.clock import Clock
 from gateway.config import LoadedConfig, SourceConfig, UplinkConfig
 from gateway.errors import StoreCorrupt
 from gateway.health import HealthServer
@@ -121,10 +123,14 @@ def build_uplink(index: int, cfg: UplinkConfig, loaded: LoadedConfig) -> Uplink:
 class Gateway:
     """One gateway process. ``await run()`` until ``stop`` is set (or a signal arrives)."""
 
-    def __init__(self, loaded: LoadedConfig, *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedConfig, *, notifier: Notifier | None = None, clock: Clock | None = None
+    ) -> None:
+        """``clock``: tests pass one with fake clocks and sync probe; else built from [clock]."""
         self.loaded = loaded
         self.cfg = loaded.settings
         self.notifier = notifier or Notifier()
+        self.clock = clock or Clock(self.cfg.clock)
         self.store: Store | None = None
         self.sources: list[Source] = []
         self.positions = PositionBoard()
@@ -150,12 +156,13 @@ class Gateway:
         routes = {u.name: u.routed_series() for _, u in uplink_cfgs}
         self.store = store = await Store.open(self.cfg.store, routes)
         try:
+            await self.clock.start(store)  # before any source runs: it stamps every reading
             source_cfgs = [s for s in self.cfg.sources if s.enabled]
             self.sources = [build_source(s, self.loaded, self.positions) for s in source_cfgs]
             self._source_cfgs = {s.name: s for s in source_cfgs}
             uplinks = [build_uplink(i, u, self.loaded) for i, u in uplink_cfgs]
             self.runners = [
-                UplinkRunner(up, cfg, store)
+                UplinkRunner(up, cfg, store, self.clock)
                 for up, (_, cfg) in zip(uplinks, uplink_cfgs, strict=True)
             ]
             if self.cfg.health.enabled:
@@ -182,6 +189,7 @@ class Gateway:
         exit_code = 0
         async with asyncio.TaskGroup() as tg:
             writer = tg.create_task(self._store_writer(store), name="store:writer")
+            clock = tg.create_task(self._supervise("clock", self.clock.run), name="clock")
             source_tasks = [
                 tg.create_task(
                     self._supervise(f"poll:{s.name}", self._source_runner(s)), name=f"poll:{s.name}"
@@ -216,7 +224,8 @@ class Gateway:
                         await store.flush()
                 except TimeoutError:
                     log.error("shutdown_flush_timeout", buffered=store.stats()["buffered"])
-            await _cancel_all(uplink_tasks)
+            # The clock writes repairs through the store: stopped before the store's writer.
+            await _cancel_all([*uplink_tasks, clock])
             await _cancel_all([writer, watchdog])
         return exit_code
 
@@ -244,9 +253,11 @@ class Gateway:
     def _emit_for(self, source: Source) -> Emit:
         assert self.store is not None
         store = self.store
+        stamp = self.clock.stamp
 
         async def emit(readings: Sequence[Reading]) -> None:
-            await store.ingest(readings)
+            # The clock stamps right before the readings join the queue (ids known, in order).
+            await store.ingest(readings, prepare=stamp)
 
         cfg = self._source_cfgs[source.name]
         p = cfg.position
@@ -358,7 +369,7 @@ class Gateway:
             "sources": sources,
             "uplinks": uplinks,
             "store": store.stats() if store else {},
-            "clock": clock_state().as_dict(),
+            "clock": self.clock.status(),
         }
 
     def health(self) -> tuple[bool, list[str]]:
@@ -369,10 +380,13 @@ class Gateway:
         after = self.cfg.health.stuck_after_s
         for r in self.runners:
             if r.stuck(after):
-                reasons.append(
-                    f"uplink {r.name} has delivered nothing for {after:g}s "
-                    f"({r.state.value}: {r.last_error})"
+                # Holding for an unsynchronised clock is not a service fault: say which it is.
+                why = (
+                    "holding readings until the clock is synchronised"
+                    if self.store is not None and self.store.held_from(r.name) is not None
+                    else f"{r.state.value}: {r.last_error}"
                 )
+                reasons.append(f"uplink {r.name} has delivered nothing for {after:g}s ({why})")
         return (not reasons, reasons)
 
 

@@ -40,6 +40,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from gateway.configbase import (  # re-exported: the config API in one place
     KNOWN_SECRETS,
     NAME_PATTERN,
+    ClockConfig,
     HealthConfig,
     LogConfig,
     PositionConfig,
@@ -68,6 +69,7 @@ from gateway.uplinks.vanda import VandaConfig
 __all__ = [
     "KNOWN_SECRETS",
     "NAME_PATTERN",
+    "ClockConfig",
     "HealthConfig",
     "LoadedConfig",
     "LogConfig",
@@ -125,6 +127,7 @@ class Settings(BaseSettings):
     store: StoreConfig = Field(default_factory=StoreConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    clock: ClockConfig = Field(default_factory=ClockConfig)
     sources: list[SourceConfig] = Field(default_factory=list)
     uplinks: list[UplinkConfig] = Field(default_factory=list)
 

@@ -158,6 +158,21 @@ class HealthConfig(Strict):
     stuck_after_s: float = Field(default=3600.0, gt=0)
 
 
+class ClockConfig(Strict):
+    """``[clock]``: how the gateway decides that the system clock can be trusted (gateway/clock.py).
+
+    "probe" trusts the clock once systemd-timesyncd's flag file exists or the kernel's NTP state
+    (adjtimex) says synchronised. "always" trusts it from the start: a box with a battery-backed
+    RTC or a clock the kernel does not report on. Either way a clock before 2020 is not trusted.
+    """
+
+    trust: Literal["probe", "always"] = "probe"
+    #: A change of wall minus monotonic time larger than this between two looks is a step.
+    step_threshold_s: float = Field(default=2.0, ge=0.05, le=3600)
+    #: How often the clock task looks at the clock and the sync state.
+    check_interval_s: float = Field(default=1.0, ge=0.01, le=60)
+
+
 class LogConfig(Strict):
     """``[log]``: structlog output. "auto" is key=value on a terminal, JSON lines otherwise."""
 
@@ -268,6 +283,11 @@ class UplinkConfigBase(Strict):
     backoff_max_s: float = Field(default=300.0, gt=0)
     #: After credentials are refused, wait this long before trying again.
     auth_retry_s: float = Field(default=600.0, gt=0)
+    #: Hold readings stamped while the system clock was unsynchronised until their timestamps are
+    #: repaired at sync (gateway/clock.py). True suits every service that stores the time it is
+    #: sent (all five plugins); false sends them at once, flagged, with the time the clock showed.
+    #: Either way a timestamp before 2020 is never sent.
+    hold_unsynced: bool = True
 
     route_model: ClassVar[type[RouteBase]] = RouteBase
 

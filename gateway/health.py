@@ -60,11 +60,19 @@ class _Collector(Collector):
                 "Free bytes on the store's filesystem",
                 store["free_disk_bytes"],
             )
-        sync = st["clock"]["synchronized"]
+        clock = st["clock"]
         yield _gauge(
             "fieldgate_clock_synchronized",
             "1 when the system clock is synchronised",
-            1 if sync else 0,
+            1 if clock["synchronized"] else 0,
+        )
+        yield _counter(
+            "fieldgate_clock_steps", "Steps of the wall clock seen", clock.get("steps_total", 0)
+        )
+        yield _gauge(
+            "fieldgate_clock_unsynced_pending",
+            "Stored readings stamped while the clock was unsynchronised, not yet repaired",
+            clock.get("unsynced_pending", 0),
         )
 
         src = st["sources"]

@@ -16,6 +16,10 @@ Guarantees a caller may rely on:
 * A database that cannot be opened or fails its integrity check after an unclean shutdown is
   moved aside with a timestamp and a fresh one started; the event is logged and kept in
   :attr:`Store.events` for /status.
+* Clock repair (gateway/clock.py): :meth:`repair_unsynced` shifts the timestamps of readings
+  stamped while the clock was unsynchronised, committed and still buffered alike, in one
+  transaction with the clock's own state; an uplink may hold such readings (``complete(...,
+  hold_from=)``) so that they are not leased again until :meth:`release_holds`.
 
 Two aiosqlite connections: one writer (ingest, acks, eviction; transactions serialised by a
 lock) and one reader (leases, stats), so in WAL mode leasing never waits for a big commit.
@@ -32,8 +36,8 @@ import shutil
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,7 @@ import structlog
 from gateway.configbase import StoreConfig
 from gateway.errors import StoreCorrupt, StoreError
 from gateway.intervals import IntervalSet
-from gateway.models import Position, Reading, StoredReading, Value
+from gateway.models import Position, Quality, Reading, StoredReading, Value
 
 log = structlog.get_logger(__name__)
 
@@ -109,6 +113,12 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+#: Readings still flagged CLOCK_UNSYNCED are few and short-lived; the partial index makes counting
+#: and repairing them cheap without a table scan. (Created at open, so older files get it too.)
+_UNSYNCED_INDEX = (
+    "CREATE INDEX IF NOT EXISTS readings_unsynced ON readings(id) WHERE (flags & 1) != 0"
+)
+
 _INSERT = (
     "INSERT INTO readings (id, series, ts, value, flags, lat, lon, alt) VALUES (?,?,?,?,?,?,?,?)"
 )
@@ -125,6 +135,9 @@ class Lease:
     #: Ids at which a range was cut short by the lease size: readings just past them (below a
     #: cut live range, above a cut backfill range) were not leased.
     cut_at: list[int] = field(default_factory=list)
+    #: :meth:`Store.release_holds` calls before this lease was taken: a hold asked for on a lease
+    #: older than the last release is not kept (its readings may already be repaired).
+    hold_epoch: int = 0
 
 
 @dataclass(slots=True)
@@ -143,6 +156,8 @@ class _Cursor:
     dead_letters: int = 0
     oldest_pending_ts: int | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    #: Readings from this id on are held for the clock (not leased) until release_holds().
+    hold_from: int | None = None
     sql_in: str = "()"
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Serialises read-modify-write of ``done`` (completions in parallel, eviction).
@@ -207,6 +222,7 @@ class Store:
         self._room = asyncio.Event()
         self._room.set()
         self._committed = asyncio.Condition()
+        self._hold_epoch = 0
         self._closed = False
         self.readonly = False
         self.events: list[StoreEvent] = []
@@ -259,6 +275,7 @@ class Store:
             if version == 0:
                 await w.executescript(_SCHEMA)
                 await w.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await w.execute(_UNSYNCED_INDEX)
             await w.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', 0)")
         self._r = await aiosqlite.connect(self.path, isolation_level=None)
         await self._r.execute("PRAGMA busy_timeout = 10000")
@@ -288,6 +305,13 @@ class Store:
         ) as cur:
             async for row in cur:
                 known[row[0]] = tuple(row)
+        # Ids are never reused: once everything was delivered and pruned the table is empty,
+        # but every id an uplink has marked done was handed out already.
+        for row in known.values():
+            done = IntervalSet.from_json(row[1])
+            top = max((hi for _, hi in done), default=0)
+            self._max_id = max(self._max_id, top, row[2])
+        self._min_id = max(self._min_id, 1)
         for name in self._routes:
             if name in known:
                 _, done, live, dl, rj, ev, state = known[name]
@@ -398,22 +422,40 @@ class Store:
     # ------------------------------------------------------------------------------------------
     # Ingest
 
-    async def ingest(self, readings: Sequence[Reading], *, durable: bool = False) -> None:
+    async def ingest(
+        self,
+        readings: Sequence[Reading],
+        *,
+        durable: bool = False,
+        prepare: Callable[[Sequence[Reading]], Sequence[Reading]] | None = None,
+    ) -> None:
         """Queue readings for the next group commit.
 
         Waits only while the in-memory buffer is full (back-pressure). With ``durable`` it also
-        waits until the commit holding them is done, i.e. until they are captured.
+        waits until the commit holding them is done, i.e. until they are captured. ``prepare``
+        (the clock's stamp) runs after that wait and right before the readings join the queue,
+        with no await in between: what it sees of :meth:`next_id` is the id they will get.
         """
         if self.readonly:
             raise StoreError("store opened read-only")
         while len(self._buffer) >= self.cfg.buffer_max_rows:
             self._room.clear()
             await self._room.wait()
+        if prepare is not None:
+            readings = prepare(readings)
         self._buffer.extend(readings)
         self._enqueued_rows += len(readings)
         self._has_data.set()
         if durable:
             await self.flush()
+
+    def next_id(self) -> int:
+        """The id the next reading handed to :meth:`ingest` will be committed under.
+
+        Buffered readings are committed in order right after ``_max_id`` (a failed commit keeps
+        them buffered, in order), so this holds across commits.
+        """
+        return self._max_id + len(self._buffer) + 1
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed (needs :meth:`run` running)."""
@@ -539,6 +581,8 @@ class Store:
             items.extend(await self._lease_retry(c, max_items))
         top = self._max_id
         blocked = c.done.union(c.leased)
+        if c.hold_from is not None and c.hold_from <= top:
+            blocked.add(c.hold_from, top)  # held for the clock: not leased until released
         room = max_items - len(items)
         if live_first and room > 0 and top > c.live_mark:
             gaps = list(blocked.gaps(c.live_mark + 1, top))
@@ -569,7 +613,7 @@ class Store:
         for lo, hi in ranges:
             c.leased.add(lo, hi)
         c.leased_retry.update(i.id for i in items if i.id < 0)
-        return Lease(c.name, ranges, items, cut_at)
+        return Lease(c.name, ranges, items, cut_at, self._hold_epoch)
 
     async def _select(
         self, c: _Cursor, lo: int, hi: int, limit: int, *, newest: bool
@@ -602,11 +646,17 @@ class Store:
         delivered: Iterable[int],
         rejected: Mapping[int, str],
         unfinished: Iterable[int] = (),
+        *,
+        hold_from: int | None = None,
     ) -> None:
         """Record the outcome of a lease in one transaction.
 
         ``delivered`` and ``rejected`` (id -> the service's reason; dead-lettered) are done;
-        ``unfinished`` stay pending. Everything else in the lease's ranges becomes done.
+        ``unfinished`` stay pending. Everything else in the lease's ranges becomes done, except
+        that with ``hold_from`` nothing from that id on does (the caller delivers and rejects
+        none of those): they stay pending and are not leased again until :meth:`release_holds`
+        (unless a release came after this lease was taken: then they are leased again at once).
+        Holding a whole tail, not single ids, keeps the done set one interval per gap.
         """
         c = self._cursors[lease.uplink]
         delivered = list(delivered)
@@ -620,7 +670,10 @@ class Store:
         async with c.done_lock:
             retry_done = [(-i,) for i in [*delivered, *rejected] if i < 0]
             new_done = c.done.copy()
-            for lo, hi in lease.ranges:
+            for lo, whole_hi in lease.ranges:
+                hi = whole_hi if hold_from is None else min(whole_hi, hold_from - 1)
+                if hi < lo:
+                    continue
                 cur = lo
                 for k in keep:
                     if lo <= k <= hi:
@@ -643,6 +696,8 @@ class Store:
                     (new_done.to_json(), c.live_mark, len(delivered), len(rejected), c.name),
                 )
             c.done = new_done
+        if hold_from is not None and lease.hold_epoch == self._hold_epoch:
+            c.hold_from = hold_from if c.hold_from is None else min(c.hold_from, hold_from)
         for lo, hi in lease.ranges:
             c.leased.remove(lo, hi)
         c.leased_retry.difference_update(i.id for i in lease.items if i.id < 0)
@@ -658,6 +713,75 @@ class Store:
         for lo, hi in lease.ranges:
             c.leased.remove(lo, hi)
         c.leased_retry.difference_update(i.id for i in lease.items if i.id < 0)
+
+    # ------------------------------------------------------------------------------------------
+    # Clock repair (gateway/clock.py)
+
+    def held_from(self, uplink: str) -> int | None:
+        """The id from which ``uplink`` holds readings for the clock, or None."""
+        return self._cursors[uplink].hold_from
+
+    async def release_holds(self) -> None:
+        """Make every held reading leasable again and wake the uplinks waiting for data."""
+        self._hold_epoch += 1
+        for c in self._cursors.values():
+            c.hold_from = None
+        async with self._committed:
+            self._committed.notify_all()
+
+    async def repair_unsynced(
+        self, first_id: int, upto: int, delta_ms: int, meta: tuple[str, Any] | None = None
+    ) -> int:
+        """Add ``delta_ms`` to the timestamp of every reading with ``first_id <= id <= upto``
+        flagged CLOCK_UNSYNCED, committed or still buffered, and replace that flag by
+        CLOCK_REPAIRED. ``meta`` (key, JSON-able value) is saved in the same transaction. Returns
+        how many committed readings changed.
+
+        Runs under the commit lock, so no batch is half-way between the buffer and the file.
+        """
+        unsync, repaired = int(Quality.CLOCK_UNSYNCED), int(Quality.CLOCK_REPAIRED)
+        async with self._commit_lock:
+            base = self._max_id + 1  # the id of _buffer[0]
+            for i in range(max(0, first_id - base), min(len(self._buffer), upto - base + 1)):
+                r = self._buffer[i]
+                if r.quality & unsync:
+                    self._buffer[i] = replace(
+                        r, ts=r.ts + delta_ms, quality=(r.quality & ~unsync) | repaired
+                    )
+            async with self._txn() as w:
+                cur = await w.execute(
+                    "UPDATE readings SET ts = ts + ?, flags = (flags & ?) | ? "
+                    "WHERE (flags & 1) != 0 AND id BETWEEN ? AND ?",
+                    (delta_ms, ~unsync, repaired, first_id, upto),
+                )
+                changed = cur.rowcount
+                if meta is not None:
+                    await w.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        (meta[0], json.dumps(meta[1])),
+                    )
+        return int(changed)
+
+    async def count_unsynced(self) -> int:
+        """Committed readings still flagged CLOCK_UNSYNCED (uses the partial index)."""
+        n = await _scalar(self._read, "SELECT count(*) FROM readings WHERE (flags & 1) != 0")
+        return int(n or 0)
+
+    async def load_meta(self, key: str) -> Any:
+        """The JSON value saved under ``key`` by :meth:`save_meta`, or None."""
+        raw = await _scalar(self._read, "SELECT value FROM meta WHERE key = ?", (key,))
+        if not isinstance(raw, str):
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None
+
+    async def save_meta(self, key: str, value: Any) -> None:
+        async with self._wlock:
+            await self._write.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value))
+            )
 
     # ------------------------------------------------------------------------------------------
     # Per-uplink persisted state (rate-limit history and the like)

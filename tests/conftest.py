@@ -10,6 +10,14 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
+def _trusted_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gateways built from config in tests (in process or as child processes, which inherit the
+    environment) trust the wall clock: whether the CI host's kernel reports NTP sync must not
+    decide whether readings are held. Tests of the clock build their own :class:`Clock`."""
+    monkeypatch.setenv("FIELDGATE_CLOCK__TRUST", "always")
+
+
+@pytest.fixture(autouse=True)
 def _no_leaked_threads() -> Iterator[None]:
     before = set(threading.enumerate())
     yield

@@ -254,3 +254,21 @@ async def test_concurrent_completions_keep_every_mark(store: Store) -> None:
     assert store.uplink_stats("a")["backlog"] == 0
     # And as persisted: a reopened store agrees.
     assert store._cursors["a"].done.floor >= 200
+
+
+async def test_ids_are_never_reused_after_everything_was_delivered_and_pruned(
+    cfg: StoreConfig,
+) -> None:
+    s, t = await opened(cfg, {"a": ["s1"]})
+    await s.ingest([Reading("s1", now_ms() + i, i) for i in range(5)], durable=True)
+    lease = await s.lease("a", 10)
+    assert lease is not None
+    await s.complete(lease, [i.id for i in lease.items], {})
+    await s.maintain()
+    assert s.stats()["readings_stored"] == 0  # delivered and pruned: the table is empty
+    await close(s, t)
+    s2, t2 = await opened(cfg, {"a": ["s1"]})
+    await s2.ingest([Reading("s1", now_ms() + 10, 99)], durable=True)
+    lease = await s2.lease("a", 10)
+    assert lease is not None and [i.value for i in lease.items] == [99]
+    await close(s2, t2)

@@ -17,6 +17,12 @@ rejected, unidentified   bisect until the refused item is alone, then dead-lette
 A lease is completed in one store transaction: what was delivered or rejected is done, the rest
 stays pending. Cancellation (shutdown) abandons the lease: its readings stay pending and are
 sent again after restart (at least once).
+
+With a :class:`~gateway.clock.Clock` (the supervisor always passes one), a lease first goes
+through :meth:`Clock.gate <gateway.clock.Clock.gate>`: readings stamped while the clock was
+unsynchronised are held until their timestamps are repaired (``hold_unsynced``, default on), and
+nothing stamped before 2020 is ever sent. Held readings stay pending and are not leased again
+until the repair releases them, so holding neither backs off nor polls.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import structlog
 
 from gateway.backoff import Backoff
+from gateway.clock import Clock
 from gateway.configbase import UplinkConfigBase
 from gateway.models import StoredReading
 from gateway.store import Lease, Store
@@ -57,10 +64,16 @@ class UplinkState(StrEnum):
 class UplinkRunner:
     """Drives one uplink plugin against the store. Run :meth:`run` as a task."""
 
-    def __init__(self, uplink: Uplink, cfg: UplinkConfigBase, store: Store) -> None:
+    def __init__(
+        self, uplink: Uplink, cfg: UplinkConfigBase, store: Store, clock: Clock | None = None
+    ) -> None:
+        """Without ``clock`` nothing is held for the clock (tools and tests of other concerns)."""
         self.uplink = uplink
         self.cfg = cfg
         self.store = store
+        self.clock = clock
+        #: Readings of the last lease held for the clock (they do not make the next lease grow).
+        self._clock_held = 0
         self.name = cfg.name
         saved = store.uplink_state(self.name)
         self.limiter = RateLimiter(
@@ -135,7 +148,7 @@ class UplinkRunner:
                 raise
             if sent:
                 self._lease_size = self._base_lease_size()
-            elif len(lease.items) >= self._lease_size:
+            elif len(lease.items) - self._clock_held >= self._lease_size:
                 # A full lease that was all one open window (or group): lease more next time.
                 self._lease_size = min(self._lease_size * 4, MAX_LEASE)
             elif self._hold_until_ms is not None:
@@ -150,14 +163,22 @@ class UplinkRunner:
         # A lease cut short by its size may end in the middle of a window or a group: what could
         # go on past the cut is held back for the next lease instead of being sent in pieces.
         cut = bool(lease.cut_at)
+        sendable: Sequence[StoredReading] = lease.items
+        hold_from: int | None = None
+        rejected: dict[int, str] = {}
+        if self.clock is not None:
+            # Before downsampling: a held reading must not shape (or come late for) a window.
+            gate = self.clock.gate(sendable, hold_unsynced=self.cfg.hold_unsynced)
+            sendable, hold_from, rejected = gate.send, gate.hold_from, gate.rejected
+        self._clock_held = len(lease.items) - len(sendable) - len(rejected)
         if self.downsampler.active:
-            plan = self.downsampler.plan(lease.items, cut=cut)
+            plan = self.downsampler.plan(sendable, cut=cut)
         else:
-            plan = Plan(send=list(lease.items))
+            plan = Plan(send=list(sendable))
         if cut and self.whole_groups and plan.send:
             self._hold_cut_groups(plan, lease.cut_at)
         self._hold_until_ms = plan.hold_until_ms
-        rejected: dict[int, str] = dict(plan.late)
+        rejected.update(plan.late)
         unfinished: list[int] = list(plan.held)
         items: list[StoredReading] = []
         for it in plan.send:
@@ -212,7 +233,7 @@ class UplinkRunner:
             self._on_failure(failure)
         if plan.members:
             self._settle_windows(plan, delivered, rejected, unfinished)
-        await self.store.complete(lease, delivered, rejected, unfinished)
+        await self.store.complete(lease, delivered, rejected, unfinished, hold_from=hold_from)
         if plan.members:
             state = self.store.uplink_state(self.name)
             state["windows"] = self.downsampler.state()
@@ -365,4 +386,5 @@ class UplinkRunner:
             "batch_max_items": self.batch_limit,
             "requests": dict(self.requests),
             "moved_to": self.moved_to,
+            "clock_hold_from_id": self.store.held_from(self.name),
         }
