@@ -135,7 +135,7 @@ def _source_module(kind: str) -> Any:
         return None
 
 
-def _open_store_readonly(loaded: LoadedConfig, *, readonly: bool = True) -> Any:
+def _open_store_readonly(loaded: LoadedConfig) -> Any:
     from gateway.store import Store
 
     s = loaded.settings
@@ -143,7 +143,7 @@ def _open_store_readonly(loaded: LoadedConfig, *, readonly: bool = True) -> Any:
     if not s.store.path.exists():
         print(f"no store at {s.store.path} yet", file=sys.stderr)
         raise SystemExit(1)
-    return Store.open(s.store, routes, readonly=readonly)
+    return Store.open(s.store, routes, readonly=True)
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -199,7 +199,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         return 2
 
     async def go() -> int:
-        store = await _open_store_readonly(loaded, readonly=args.action == "list")
+        # Never the daemon's mode: a tool must not touch the clean-shutdown mark or move files.
+        store = await _open_store_readonly(loaded)
         try:
             if args.action == "list":
                 for d in await store.dead_letters(args.uplink, limit=args.limit):

@@ -241,7 +241,12 @@ class Store:
     async def open(
         cls, cfg: StoreConfig, routes: Mapping[str, Iterable[str]], *, readonly: bool = False
     ) -> Store:
-        """Open (or create) the database. Unusable files are moved aside unless ``readonly``."""
+        """Open (or create) the database. Unusable files are moved aside unless ``readonly``.
+
+        ``readonly`` is for tools working beside a running daemon (``fieldgate queue``,
+        ``dead-letters``): no integrity check or moving aside, no maintenance, no ingest, and the
+        clean-shutdown mark is never touched; explicit operations such as
+        :meth:`replay_dead_letters` still write, in their own transactions."""
         store = cls(cfg, routes)
         store.readonly = readonly
         await store._open()

@@ -76,3 +76,18 @@ async def test_queue_and_dead_letters(tmp_path: Path) -> None:
 
     unknown = cli("dead-letters", "replay", "nosuch", "-c", str(cfg))
     assert unknown.returncode == 2 and "no uplink named 'nosuch'" in unknown.stderr
+
+
+async def test_tools_never_touch_the_clean_shutdown_mark(tmp_path: Path) -> None:
+    import sqlite3
+
+    text = CONFIG.format(tmp=tmp_path)
+    cfg = tmp_path / "fg.toml"
+    cfg.write_text(text)
+    await seed(text)
+    with sqlite3.connect(tmp_path / "fg.db") as raw:  # as while a daemon is running
+        raw.execute("UPDATE meta SET value = 0 WHERE key = 'clean'")
+    assert cli("dead-letters", "replay", "qatium", "-c", str(cfg)).returncode == 0
+    assert cli("queue", "-c", str(cfg)).returncode == 0
+    with sqlite3.connect(tmp_path / "fg.db") as raw:
+        assert raw.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone()[0] == 0
