@@ -212,6 +212,8 @@ def load_config_text(text: str, path: Path | None = None) -> LoadedConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("", f"TOML syntax error: {exc}")], where) from None
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise ConfigError([("", "TOML nesting too deep")], where) from None
     # Relative device-profile paths resolve against the config file's directory.
     token = PROFILE_BASE_DIR.set(path.parent if path is not None else None)
     try:

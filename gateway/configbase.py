@@ -19,7 +19,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
 
 class Strict(BaseModel):
-    """Base of every config model: unknown keys are errors, values are not coerced loosely."""
+    """Base of every config model: unknown keys are errors; models are frozen once loaded."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -111,6 +111,15 @@ def _register(secret: Secret) -> Secret:
     if len(secret.reveal()) >= 4:  # masking 1-3 character strings would mangle every log line
         KNOWN_SECRETS.add(secret.reveal())
     return secret
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with every resolved secret replaced by ``***``: for text that came from outside
+    (a service's error body may echo the credential it refused) before it is shown or stored."""
+    for s in KNOWN_SECRETS:
+        if s in text:
+            text = text.replace(s, "***")
+    return text
 
 
 def world_readable(path: Path) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import math
 import os
@@ -61,6 +62,11 @@ _QUALITY_MASK = _NONFINITE_FLAG - 1
 _MAX_GAPS_PER_LEASE = 32
 #: Rows deleted per eviction or prune statement, so no transaction grows unbounded.
 _DELETE_CHUNK = 50_000
+#: Disk space held in a file beside the database and given back when the disk is full: in WAL
+#: mode deleting needs room in the WAL and checkpointing needs room in the database file, so
+#: without it an eviction on a full disk fails just like the insert did. 8 MiB covers a WAL at
+#: its autocheckpoint size (1000 pages) plus the eviction's own pages.
+RESERVE_BYTES = 8 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -119,8 +125,11 @@ _UNSYNCED_INDEX = (
     "CREATE INDEX IF NOT EXISTS readings_unsynced ON readings(id) WHERE (flags & 1) != 0"
 )
 
+# OR IGNORE: ids are ours and never reused, so a batch whose COMMIT went through while the awaiting
+# task was cancelled (still in the buffer) is committed again as a no-op, not a duplicate-id error.
 _INSERT = (
-    "INSERT INTO readings (id, series, ts, value, flags, lat, lon, alt) VALUES (?,?,?,?,?,?,?,?)"
+    "INSERT OR IGNORE INTO readings (id, series, ts, value, flags, lat, lon, alt) "
+    "VALUES (?,?,?,?,?,?,?,?)"
 )
 
 
@@ -160,6 +169,8 @@ class _Cursor:
     hold_from: int | None = None
     sql_in: str = "()"
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Bumped by every change to the counters below (stale stats reads are then not applied).
+    version: int = 0
     #: Serialises read-modify-write of ``done`` (completions in parallel, eviction).
     done_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -202,6 +213,7 @@ class Store:
     def __init__(self, cfg: StoreConfig, routes: Mapping[str, Iterable[str]]) -> None:
         self.cfg = cfg
         self.path = Path(cfg.path)
+        self._reserve = Path(f"{self.path}.reserve")
         self._routes = {name: set(series) for name, series in routes.items()}
         self._w: aiosqlite.Connection | None = None
         self._r: aiosqlite.Connection | None = None
@@ -265,9 +277,22 @@ class Store:
             await self._disconnect()
             if self.readonly:
                 raise StoreCorrupt(f"{self.path}: {exc}") from exc
-            self._move_aside(str(exc))
-            await self._connect()
-            await self._load()
+            if not _is_corruption(exc):
+                # A full disk (or an I/O error) is not a broken file: never move the backlog
+                # aside for it. Give back the reserve and try once more, else fail loudly.
+                await asyncio.to_thread(_release_reserve, self._reserve)
+                try:
+                    await self._connect()
+                    await self._load()
+                except sqlite3.DatabaseError as again:
+                    await self._disconnect()
+                    raise StoreError(f"{self.path}: {again}") from again
+            else:
+                self._move_aside(str(exc))
+                await self._connect()
+                await self._load()
+        if not self.readonly:
+            await asyncio.to_thread(_make_reserve, self._reserve, RESERVE_BYTES)
 
     async def _connect(self) -> None:
         self._w = await aiosqlite.connect(self.path, isolation_level=None)
@@ -349,7 +374,8 @@ class Store:
         self._closed = True
         try:
             if not self.readonly and self._w is not None:
-                await self._commit_buffer()
+                while self._buffer:
+                    await self._commit_buffer()
                 async with self._wlock:
                     await self._w.execute("UPDATE meta SET value = 1 WHERE key = 'clean'")
         finally:
@@ -501,20 +527,32 @@ class Store:
                         error=self.last_commit_error,
                         buffered=len(self._buffer),
                     )
-                    if "full" in str(exc).lower():
+                    if _is_disk_full(exc):
                         await self._evict_for_space()
                     await asyncio.sleep(1.0)
             else:
                 self._has_data.clear()
             if time.monotonic() >= next_maint:
-                await self.maintain()
+                try:
+                    await self.maintain()
+                except StoreCorrupt:
+                    raise
+                except (sqlite3.Error, OSError) as exc:
+                    # A full disk fails the prune too: the writer stays up and tries again.
+                    log.error("store_maintenance_failed", error=f"{type(exc).__name__}: {exc}")
                 next_maint = time.monotonic() + 2.0
 
     async def _commit_buffer(self) -> None:
+        """Commit what is buffered now. Readings arriving meanwhile wait for the writer's next
+        turn, so a steady stream cannot keep it from its maintenance."""
         async with self._commit_lock:
-            while self._buffer:
-                await self._commit_batch(self._buffer[: self.cfg.commit_max_rows])
-            self._flush_wanted = False
+            pending = len(self._buffer)
+            while pending > 0 and self._buffer:
+                n = min(pending, self.cfg.commit_max_rows)
+                await self._commit_batch(self._buffer[:n])
+                pending -= n
+            if not self._buffer:
+                self._flush_wanted = False
 
     async def _commit_batch(self, batch: list[Reading]) -> None:
         await self._intern({r.series for r in batch})
@@ -706,6 +744,7 @@ class Store:
         for lo, hi in lease.ranges:
             c.leased.remove(lo, hi)
         c.leased_retry.difference_update(i.id for i in lease.items if i.id < 0)
+        c.version += 1
         c.delivered += len(delivered)
         c.rejected += len(rejected)
         c.dead_letters += len(rejected)
@@ -830,6 +869,8 @@ class Store:
             await self._enforce_retention()
             await self._enforce_quota()
             await self.refresh_stats()
+            if not self._reserve.exists():  # given back on a full disk; taken again with room
+                await asyncio.to_thread(_make_reserve, self._reserve, RESERVE_BYTES)
 
     async def _prune(self) -> None:
         if not self._cursors:
@@ -921,9 +962,23 @@ class Store:
         self.bytes_used = await self._pages_in_use()
 
     async def _evict_for_space(self) -> None:
+        """The disk is full: give back the reserve, so that SQLite has room to checkpoint and
+        delete; evict the oldest 5% (at least 1000); fold the WAL into the file and truncate it;
+        take the reserve again. A failure is logged and the next failed commit tries again."""
         async with self._maint_lock:
-            rows = max(1, self._max_id - self._min_id + 1)
-            await self._evict(self._min_id + max(1000, rows // 20) - 1, "disk_full")
+            released = await asyncio.to_thread(_release_reserve, self._reserve)
+            try:
+                async with self._wlock:
+                    await self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                rows = max(1, self._max_id - self._min_id + 1)
+                await self._evict(self._min_id + max(1000, rows // 20) - 1, "disk_full")
+                async with self._wlock:
+                    await self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except (sqlite3.Error, OSError) as exc:
+                log.error("store_evict_failed", reason="disk_full", reserve_released=released,
+                          error=f"{type(exc).__name__}: {exc}")
+            finally:
+                await asyncio.to_thread(_make_reserve, self._reserve, RESERVE_BYTES)
 
     async def _count_backlog(self, c: _Cursor) -> int:
         n = 0
@@ -943,6 +998,9 @@ class Store:
     async def refresh_stats(self) -> None:
         """Re-read the small tables other processes (the CLI) may change, and oldest ages."""
         r = self._read
+        # A completion or replay that lands while these queries run has newer counts than
+        # they read: its cursor's version moves, and the stale read is not applied to it.
+        versions = {c.name: c.version for c in self._cursors.values()}
         dl: dict[str, int] = {}
         async with r.execute("SELECT uplink, count(*) FROM dead_letters GROUP BY uplink") as cur:
             async for name, n in cur:
@@ -952,8 +1010,9 @@ class Store:
             async for name, n in cur:
                 rt[name] = n
         for c in self._cursors.values():
-            c.dead_letters = dl.get(c.name, 0)
-            c.retry_pending = rt.get(c.name, 0)
+            if c.version == versions[c.name]:
+                c.dead_letters = dl.get(c.name, 0)
+                c.retry_pending = rt.get(c.name, 0)
             c.oldest_pending_ts = None
             if c.series_ids:
                 for lo, hi in c.done.gaps(self._min_id, self._max_id):
@@ -1003,6 +1062,7 @@ class Store:
             n = cur.rowcount
             await w.execute("DELETE FROM dead_letters WHERE uplink = ?", (uplink,))
         if uplink in self._cursors:
+            self._cursors[uplink].version += 1
             self._cursors[uplink].retry_pending += n
             self._cursors[uplink].dead_letters = 0
         log.info("dead_letters_replayed", uplink=uplink, readings=n)
@@ -1059,6 +1119,31 @@ async def _scalar(conn: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()
     async with conn.execute(sql, args) as cur:
         row = await cur.fetchone()
     return None if row is None else row[0]
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
+
+
+def _make_reserve(path: Path, size: int) -> bool:
+    """Hold ``size`` bytes of disk in ``path`` (allocated, not sparse); False without room."""
+    try:
+        with path.open("wb") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+        return True
+    except OSError:
+        path.unlink(missing_ok=True)
+        return False
+
+
+def _release_reserve(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:

@@ -272,3 +272,20 @@ async def test_ids_are_never_reused_after_everything_was_delivered_and_pruned(
     lease = await s2.lease("a", 10)
     assert lease is not None and [i.value for i in lease.items] == [99]
     await close(s2, t2)
+
+
+async def test_a_batch_committed_while_its_task_was_cancelled_commits_again_harmlessly(
+    cfg: StoreConfig,
+) -> None:
+    s, t = await opened(cfg, {"a": ["s1"]})
+    batch = [Reading("s1", now_ms() + i, i) for i in range(3)]
+    s._buffer.extend(batch)
+    await s._commit_batch(list(batch))  # committed ...
+    s._max_id -= 3  # ... but as if the awaiting task was cancelled before its bookkeeping
+    s._buffer[:0] = batch
+    await s.ingest([], durable=False)
+    await s._commit_buffer()
+    assert s.last_commit_error is None
+    lease = await s.lease("a", 10, live_first=False)
+    assert lease is not None and [i.value for i in lease.items] == [0, 1, 2]
+    await close(s, t)

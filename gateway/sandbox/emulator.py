@@ -19,6 +19,8 @@ What a caller may rely on::
         emu.status_counts[200], emu.total_requests, emu.count(path="/ingest", status=429)
     # here the server is closed, its connections and background tasks are gone
 
+    emu.ssl_context = ctx      # before start(): serve HTTPS with ctx; emu.url is then https://
+
 Middleware order, outermost first: recording (sees every answer, including faults, 404s and
 dropped connections), fault injection (before any auth, rate limit or state change), then the
 translation of :class:`Reject` and aiohttp's own HTTP errors into the JSON error body.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -246,6 +249,9 @@ class Emulator:
         self._runner: web.AppRunner | None = None
         self._cond: asyncio.Condition | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Serve HTTPS with this context when set before :meth:`start` (TLS verification tests);
+        #: an attribute, not an argument, so every subclass has it without passing it through.
+        self.ssl_context: ssl.SSLContext | None = None
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -281,8 +287,10 @@ class Emulator:
 
     @property
     def url(self) -> str:
-        """Base URL without a trailing slash, e.g. ``http://127.0.0.1:40123``."""
-        return f"http://{self.host}:{self.port}"
+        """Base URL without a trailing slash, e.g. ``http://127.0.0.1:40123`` (``https://``
+        when serving with :attr:`ssl_context`)."""
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         """Bind and serve; raises RuntimeError when already running, OSError when the port
@@ -306,7 +314,9 @@ class Emulator:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self._requested_port)
+            site = web.TCPSite(
+                runner, self.host, self._requested_port, ssl_context=self.ssl_context
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()

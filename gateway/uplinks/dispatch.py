@@ -39,7 +39,7 @@ import structlog
 
 from gateway.backoff import Backoff
 from gateway.clock import Clock
-from gateway.configbase import UplinkConfigBase
+from gateway.configbase import UplinkConfigBase, mask_secrets
 from gateway.models import StoredReading
 from gateway.store import Lease, Store
 from gateway.uplinks.base import Failure, Outcome, SendResult, Uplink
@@ -231,6 +231,8 @@ class UplinkRunner:
                 unfinished.extend(i.id for i in c)
             queue.clear()
             self._on_failure(failure)
+        # Reasons are the services' words: they are kept and shown, so never with a credential.
+        rejected = {i: mask_secrets(r) for i, r in rejected.items()}
         if plan.members:
             self._settle_windows(plan, delivered, rejected, unfinished)
         await self.store.complete(lease, delivered, rejected, unfinished, hold_from=hold_from)
@@ -324,7 +326,7 @@ class UplinkRunner:
             self.state = UplinkState.OK
 
     def _on_failure(self, failure: Failure) -> None:
-        self.last_error = failure.message
+        self.last_error = mask_secrets(failure.message)
         self.last_error_at = time.time()
         if failure.outcome is Outcome.AUTH:
             delay = self.cfg.auth_retry_s

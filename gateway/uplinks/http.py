@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.configbase import mask_secrets
 from gateway.uplinks.base import Outcome, SendResult
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def retry_after(headers: Any) -> float | None:
 
 
 def reason_text(response: httpx.Response) -> str:
-    text = response.text.strip().replace("\n", " ")
+    text = mask_secrets(response.text.strip().replace("\n", " "))
     return (
         f"HTTP {response.status_code}: {text[:MAX_REASON]}"
         if text

@@ -166,12 +166,14 @@ class NiluConfig(UplinkConfigBase):
         for s in sensors:
             sid, r = (s.get("id"), s.get("resolution_s")) if isinstance(s, dict) else (
                 getattr(s, "id", None), getattr(s, "resolution_s", None))
-            if isinstance(r, int | float) and not isinstance(r, bool):
+            if isinstance(r, int | float) and not isinstance(r, bool) and isinstance(sid, int):
                 res[sid] = float(r)
         out: list[object] = []
         for route in routes:
             r = route
-            if isinstance(r, dict) and "min_interval_s" not in r and r.get("sensor") in res:
+            sensor = r.get("sensor") if isinstance(r, dict) else None
+            if isinstance(r, dict) and "min_interval_s" not in r and isinstance(sensor, int) \
+                    and sensor in res:
                 r = {**r, "min_interval_s": res[r["sensor"]]}
             elif (isinstance(r, NiluRoute) and "min_interval_s" not in r.model_fields_set
                   and r.sensor in res):
