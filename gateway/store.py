@@ -58,6 +58,8 @@ _BOOL_FLAG = 1 << 30
 #: The value was a non-finite float, stored as its text (SQLite would store NaN as NULL).
 _NONFINITE_FLAG = 1 << 29
 _QUALITY_MASK = _NONFINITE_FLAG - 1
+#: Gaps separated by at most this many blocked ids are leased with one query (see _spans).
+_MERGE_BLOCKED = 1024
 #: How many separate gaps one lease may visit before it settles for what it found.
 _MAX_GAPS_PER_LEASE = 32
 #: Rows deleted per eviction or prune statement, so no transaction grows unbounded.
@@ -337,10 +339,10 @@ class Store:
                 known[row[0]] = tuple(row)
         # Ids are never reused: once everything was delivered and pruned the table is empty,
         # but every id an uplink has marked done was handed out already.
-        for row in known.values():
-            done = IntervalSet.from_json(row[1])
+        for saved in known.values():
+            done = IntervalSet.from_json(saved[1])
             top = max((hi for _, hi in done), default=0)
-            self._max_id = max(self._max_id, top, row[2])
+            self._max_id = max(self._max_id, top, saved[2])
         self._min_id = max(self._min_id, 1)
         for name in self._routes:
             if name in known:
@@ -622,10 +624,16 @@ class Store:
         cut_at: list[int] = []
         if c.retry_pending:
             items.extend(await self._lease_retry(c, max_items))
-        top = self._max_id
+        # Never past what this connection can see: a lease's ranges become done, so they must
+        # not reach rows committed after the snapshot its SELECTs read (the reader connection
+        # is shared; its snapshot can be older than the writer's last commit).
+        top = min(self._max_id, await self._visible_max())
         blocked = c.done.union(c.leased)
+        # Ranges this lease may cover: never another lease's, never readings held for the clock.
+        untouchable = c.leased.copy()
         if c.hold_from is not None and c.hold_from <= top:
             blocked.add(c.hold_from, top)  # held for the clock: not leased until released
+            untouchable.add(c.hold_from, top)
         room = max_items - len(items)
         if live_first and room > 0 and top > c.live_mark:
             gaps = list(blocked.gaps(c.live_mark + 1, top))
@@ -642,14 +650,28 @@ class Store:
                 c.live_mark = top
                 room -= len(got)
         if room > 0:
-            for n, (lo, hi) in enumerate(blocked.gaps(self._min_id, top)):
-                if n >= _MAX_GAPS_PER_LEASE or room <= 0:
+            # Gaps a short blocked stretch apart are read as one span and the blocked ids dropped
+            # here: readings left pending one by one (held windows, retries) make many one-id
+            # gaps, and one query per gap would end the lease long before the data behind them.
+            spans = _spans(blocked.gaps(self._min_id, top), _MERGE_BLOCKED)
+            for n, (lo, hi, skipped) in enumerate(spans):
+                if room <= 0:
                     break
-                got = await self._select(c, lo, hi, room, newest=False)
+                if n >= _MAX_GAPS_PER_LEASE:
+                    if items:
+                        cut_at.append(items[-1].id)  # stopped short: later readings not seen
+                    break
+                rows = await self._select(c, lo, hi, room + skipped, newest=False)
+                got = [r for r in rows if r.id not in blocked][:room]
                 items.extend(got)
-                ranges.append((lo, got[-1].id if len(got) == room else hi))
-                if len(got) == room:
-                    cut_at.append(got[-1].id)
+                full = len(got) == room
+                end = got[-1].id if full else hi
+                covered = IntervalSet([(lo, end)])
+                for a, b in untouchable:
+                    covered.remove(a, b)
+                ranges.extend(covered)
+                if full:
+                    cut_at.append(end)
                 room -= len(got)
         if not items and not ranges:
             return None
@@ -669,18 +691,20 @@ class Store:
             f"WHERE id BETWEEN ? AND ? AND series IN {c.sql_in} ORDER BY id {order} LIMIT ?"
         )
         names = self._series_names
-        async with self._read.execute(sql, (lo, hi, limit)) as cur:
-            rows = await cur.fetchall()
+        rows = await self._read.execute_fetchall(sql, (lo, hi, limit))
         return [_from_row(row[0], names[row[1]], row[2:]) for row in rows]
+
+    async def _visible_max(self) -> int:
+        rows = list(await self._read.execute_fetchall("SELECT max(id) FROM readings"))
+        return int(rows[0][0] or 0) if rows else 0
 
     async def _lease_retry(self, c: _Cursor, limit: int) -> list[StoredReading]:
         taken = ",".join(str(-i) for i in c.leased_retry) or "0"
-        async with self._read.execute(
+        rows = await self._read.execute_fetchall(
             f"SELECT id, series, ts, value, flags, lat, lon, alt FROM retry "
             f"WHERE uplink = ? AND id NOT IN ({taken}) ORDER BY id LIMIT ?",
             (c.name, limit),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_from_row(-row[0], row[1], row[2:]) for row in rows]
 
     async def complete(
@@ -1002,13 +1026,15 @@ class Store:
         # they read: its cursor's version moves, and the stale read is not applied to it.
         versions = {c.name: c.version for c in self._cursors.values()}
         dl: dict[str, int] = {}
-        async with r.execute("SELECT uplink, count(*) FROM dead_letters GROUP BY uplink") as cur:
-            async for name, n in cur:
-                dl[name] = n
+        for name, n in await r.execute_fetchall(
+            "SELECT uplink, count(*) FROM dead_letters GROUP BY uplink"
+        ):
+            dl[name] = n
         rt: dict[str, int] = {}
-        async with r.execute("SELECT uplink, count(*) FROM retry GROUP BY uplink") as cur:
-            async for name, n in cur:
-                rt[name] = n
+        for name, n in await r.execute_fetchall(
+            "SELECT uplink, count(*) FROM retry GROUP BY uplink"
+        ):
+            rt[name] = n
         for c in self._cursors.values():
             if c.version == versions[c.name]:
                 c.dead_letters = dl.get(c.name, 0)
@@ -1032,12 +1058,11 @@ class Store:
     # Dead letters
 
     async def dead_letters(self, uplink: str, limit: int = 100) -> list[dict[str, Any]]:
-        async with self._read.execute(
+        rows = await self._read.execute_fetchall(
             "SELECT id, series, ts, value, flags, reason, at FROM dead_letters "
             "WHERE uplink = ? ORDER BY id LIMIT ?",
             (uplink, limit),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [
             {
                 "id": i,
@@ -1111,14 +1136,28 @@ class Store:
         return list(self._cursors)
 
 
+def _spans(
+    gaps: Iterable[tuple[int, int]], merge: int
+) -> list[tuple[int, int, int]]:
+    """Merge gaps at most ``merge`` ids apart: (lo, hi, ids blocked inside) per span."""
+    out: list[tuple[int, int, int]] = []
+    for lo, hi in gaps:
+        if out and lo - out[-1][1] - 1 <= merge:
+            plo, phi, skipped = out[-1]
+            out[-1] = (plo, hi, skipped + lo - phi - 1)
+        else:
+            out.append((lo, hi, 0))
+    return out
+
+
 def _as_reading(s: StoredReading) -> Reading:
     return Reading(s.series, s.ts, s.value, s.position, s.quality)
 
 
 async def _scalar(conn: aiosqlite.Connection, sql: str, args: Sequence[Any] = ()) -> Any:
-    async with conn.execute(sql, args) as cur:
-        row = await cur.fetchone()
-    return None if row is None else row[0]
+    # One thread hop: no statement stays open across awaits holding an old read snapshot.
+    rows = list(await conn.execute_fetchall(sql, args))
+    return rows[0][0] if rows else None
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -1,0 +1,1 @@
+"""Soak and power-cut tests: the daemon killed many times against every emulator at once."""
