@@ -69,14 +69,11 @@ class Harness:
         await self.uplink.aclose()
 
     async def nudge(self) -> None:
-        """An operator's "retry now": the runner's resume_now does not wake a worker already
-        asleep for auth_retry_s, so the runner task is restarted after it."""
+        """An operator's "retry now": the runner's resume_now wakes the worker asleep for
+        auth_retry_s (no restart needed)."""
         assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
         self.uplink.resume_now()
         self.runner.resume_now()
-        self.start()
 
     async def until(self, predicate: Callable[[], bool], timeout: float = 30) -> None:
         async with asyncio.timeout(timeout):
