@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
 import structlog
 
@@ -32,7 +32,6 @@ from gateway.backoff import Backoff
 from gateway.clock import Clock
 from gateway.config import LoadedConfig, SourceConfig, UplinkConfig
 from gateway.errors import StoreCorrupt
-from gateway.health import HealthServer
 from gateway.models import Position, Reading
 from gateway.sources.base import Emit, Source
 from gateway.sources.position import PositionBoard, positioned_emit
@@ -40,6 +39,9 @@ from gateway.store import Store
 from gateway.systemd import Notifier, watchdog_interval
 from gateway.uplinks.base import Uplink
 from gateway.uplinks.dispatch import UplinkRunner
+
+if TYPE_CHECKING:
+    from gateway.health import HealthServer
 
 log = structlog.get_logger(__name__)
 
@@ -166,6 +168,9 @@ class Gateway:
                 for up, (_, cfg) in zip(uplinks, uplink_cfgs, strict=True)
             ]
             if self.cfg.health.enabled:
+                # Imported only when enabled: aiohttp and prometheus-client weigh ~15 MiB of RSS.
+                from gateway.health import HealthServer
+
                 self.health_server = HealthServer(self.cfg.health, self)
                 try:
                     await self.health_server.start()

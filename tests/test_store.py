@@ -289,3 +289,26 @@ async def test_a_batch_committed_while_its_task_was_cancelled_commits_again_harm
     lease = await s.lease("a", 10, live_first=False)
     assert lease is not None and [i.value for i in lease.items] == [0, 1, 2]
     await close(s, t)
+
+
+async def test_an_uplink_routed_every_known_series_still_skips_a_series_added_later(
+    cfg: StoreConfig,
+) -> None:
+    # "a" is routed every series the store knows, so its queries drop the series filter
+    # (bench/e2e.py: a 25,000-entry IN list cost every lease). A series no uplink routes, first
+    # seen later, must bring the filter back before its first reading is committed.
+    s, t = await opened(cfg, {"a": ["s1", "s2"]})
+    try:
+        ts = now_ms()
+        await s.ingest([Reading("s1", ts, 1), Reading("s2", ts, 2)], durable=True)
+        assert s._cursors["a"].sql_series == "1"
+        await s.ingest([Reading("s9", ts, 9), Reading("s1", ts + 1, 3)], durable=True)
+        assert s._cursors["a"].sql_series.startswith("series IN")
+        la = await s.lease("a", 10, live_first=False)
+        assert la is not None
+        assert [(i.series, i.value) for i in la.items] == [("s1", 1), ("s2", 2), ("s1", 3)]
+        assert s.uplink_stats("a")["backlog"] == 3
+        await s.complete(la, [i.id for i in la.items], {})
+        assert await s.lease("a", 10) is None
+    finally:
+        await close(s, t)

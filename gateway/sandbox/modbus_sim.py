@@ -29,6 +29,7 @@ Command line (runs until interrupted, prints one JSON line with where it listens
 
     python -m gateway.sandbox.modbus_sim --device 1=hardware/profiles/sdm630.toml \\
         --device 2=synthetic:200 --transport tcp --port 5020
+    python -m gateway.sandbox.modbus_sim --counters 1-200=125 --port 0   # benchmark units
 """
 
 from __future__ import annotations
@@ -198,6 +199,32 @@ class SimUnit:
             image[at : at + s.count] = encode_raw(s.dtype, raw, s.order, s.length)
 
 
+class CounterUnit(SimUnit):
+    """A unit for throughput benchmarks: ``n`` holding registers at 0..n-1, all uint16.
+
+    Register 0 counts the reads that covered it (1 on the first poll), so every reading a
+    gateway delivers can be traced to the poll that produced it; register i > 0 holds the fixed
+    value ``(unit * 1000 + i) % 65536``. Reads cost a slice, not a per-field computation.
+    """
+
+    def __init__(self, unit: int, n: int) -> None:
+        specs = [FieldSpec(f"u{unit}.r{i}", "holding", i, "uint16") for i in range(n)]
+        super().__init__(unit, specs)
+        self._words = [(unit * 1000 + i) % 65536 for i in range(n)]
+        self._words[0] = 0
+
+    @property
+    def polls(self) -> int:
+        return self._words[0]
+
+    def read(self, table: Table, address: int, count: int) -> list[int] | list[bool] | ExcCodes:
+        if self.fault_ranges or table != "holding" or address + count > len(self._words):
+            return super().read(table, address, count)
+        if address == 0:
+            self._words[0] = (self._words[0] + 1) % 65536
+        return self._words[address : address + count]
+
+
 class _Context(ModbusServerContext):
     """The datastore pymodbus' request PDUs call (``async_getValues``/``async_setValues``).
 
@@ -244,8 +271,11 @@ class ModbusSimulator:
         transport: SimTransport = "tcp",
         host: str = "127.0.0.1",
         port: int = 0,
+        counters: Mapping[int, int] | None = None,
     ) -> None:
         self.units = {u: SimUnit(u, list(specs)) for u, specs in devices.items()}
+        # Benchmark units (see CounterUnit): unit id -> number of registers.
+        self.units.update({u: CounterUnit(u, n) for u, n in (counters or {}).items()})
         self.transport = transport
         self.host = host
         self.port = port
@@ -497,15 +527,26 @@ def _parse_device(arg: str) -> tuple[int, list[FieldSpec]]:
     return unit, profile_specs(what, prefix=Path(what).stem, unit=unit)
 
 
+def _parse_counters(arg: str) -> dict[int, int]:
+    units, _, n = arg.partition("=")
+    first, _, last = units.partition("-")
+    return dict.fromkeys(range(int(first), int(last or first) + 1), int(n))
+
+
 async def _serve(args: argparse.Namespace) -> None:
-    devices = dict(_parse_device(a) for a in args.device)
+    devices = dict(_parse_device(a) for a in args.device or [])
+    counters: dict[int, int] = {}
+    for a in args.counters or []:
+        counters.update(_parse_counters(a))
+    if not devices and not counters:
+        raise SystemExit("give at least one --device or --counters")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Before the ready line: a parent may signal as soon as it has read it.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with ModbusSimulator(
-        devices, transport=args.transport, host=args.host, port=args.port
+        devices, transport=args.transport, host=args.host, port=args.port, counters=counters
     ) as sim:
         ready = {
             "transport": sim.transport,
@@ -515,6 +556,16 @@ async def _serve(args: argparse.Namespace) -> None:
             "units": sorted(sim.units),
         }
         print(json.dumps(ready), flush=True)
+
+        def hush() -> None:
+            # SIGUSR1: every unit stops answering, then one line tells how many polls each
+            # counter unit answered (a read already answered is counted; none is answered after).
+            for u in sim.units.values():
+                u.silent = True
+            polls = {u: x.polls for u, x in sim.units.items() if isinstance(x, CounterUnit)}
+            print(json.dumps({"polls": polls}), flush=True)
+
+        loop.add_signal_handler(signal.SIGUSR1, hush)
         await stop.wait()
 
 
@@ -525,8 +576,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "--device",
         action="append",
-        required=True,
         help="UNIT=PROFILE.toml or UNIT=synthetic:N (repeatable)",
+    )
+    ap.add_argument(
+        "--counters",
+        action="append",
+        help="FIRST-LAST=N: benchmark units with N uint16 registers, register 0 counting polls",
     )
     ap.add_argument("--transport", choices=["tcp", "rtu", "rtu_over_tcp"], default="tcp")
     ap.add_argument("--host", default="127.0.0.1")

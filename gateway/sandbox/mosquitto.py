@@ -13,7 +13,9 @@ What a caller may rely on::
 
 ``start`` returns once every listener accepts TCP connections (polled with a deadline, never a
 fixed sleep) and raises :class:`MosquittoError` with the broker's log if it exits or does not
-come up. The broker runs with persistence off and logs to ``<directory>/mosquitto.log``.
+come up. The broker runs with persistence off and logs to ``<directory>/mosquitto.log``;
+``persistence=True`` keeps sessions, subscriptions and queued messages in ``<directory>`` across a
+``stop``/``start`` (mosquitto saves them on SIGTERM; a ``kill`` loses what was not saved).
 
 ``acl`` maps a username to its ACL lines (``"read #"``, ``"write site/#"``, ``"readwrite a/b"``);
 ``acl_all`` holds lines for every client. Without ``passwords`` anonymous logins are allowed
@@ -118,6 +120,7 @@ class Mosquitto:
         passwords: Mapping[str, str] | None = None,
         max_inflight_messages: int | None = None,
         max_queued_messages: int | None = None,
+        persistence: bool = False,
         executable: str = DEFAULT_EXECUTABLE,
         start_timeout_s: float = 10.0,
     ) -> None:
@@ -131,6 +134,7 @@ class Mosquitto:
         self.passwords = dict(passwords) if passwords is not None else None
         self.max_inflight_messages = max_inflight_messages
         self.max_queued_messages = max_queued_messages
+        self.persistence = persistence
         self.executable = executable
         self.start_timeout_s = start_timeout_s
         self._proc: asyncio.subprocess.Process | None = None
@@ -165,7 +169,9 @@ class Mosquitto:
     def _write_config(self) -> Path:
         d = self.directory
         d.mkdir(parents=True, exist_ok=True)
-        lines = ["per_listener_settings false", "persistence false",
+        persist = (["persistence true", f"persistence_location {d}/"] if self.persistence
+                   else ["persistence false"])
+        lines = ["per_listener_settings false", *persist,
                  f"log_dest file {d / 'mosquitto.log'}",
                  "log_type error", "log_type warning", "log_type notice", "log_type information",
                  "connection_messages true", "set_tcp_nodelay true"]

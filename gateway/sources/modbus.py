@@ -10,8 +10,12 @@ What a caller may rely on:
   Devices on one connection (one RS-485 bus, one TCP peer) are polled one transaction at a time
   under the connection's lock, with the inter-frame gap kept; connections poll in parallel.
 * Each device is polled on deadline-based ticks (``interval_s``; a late poll skips the missed
-  ticks, it never bursts). Its fields are read in as few requests as the limits allow; the plan
-  is logged (``modbus_plan``).
+  ticks, it never bursts). All devices are read at start; from the second poll on, the devices
+  of one connection are spread evenly over their interval (device k of n shifted by k/n of it),
+  so the link, the store and the uplinks see a steady flow rather than one burst per interval.
+  Its fields are read in as few requests as the limits allow; the plan is logged
+  (``modbus_plan``). A request whose fields are all plain uint16 registers (no scale, offset or
+  deadband) skips decoding: the register is the value.
 * A reading's ``ts`` is taken when its response arrived; scale and offset are applied; values
   that are not finite are counted in ``stats.rejected`` and never emitted; nothing is emitted for
   a request that got no valid answer. Fields with a deadband are reported on change (and every
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import math
 import time
 from collections.abc import Sequence
@@ -132,10 +137,17 @@ class _Device:
     detail: dict[str, Any]
     state: str = "starting"
     next_due: float = 0.0
+    #: Fraction of its interval this device's polls are shifted by after the first one, so the
+    #: devices of one connection are spread over the interval instead of polled in one burst.
+    stagger: float = 0.0
     consecutive_failures: int = 0
     loud: bool = False
     plan: list[ReadRequest] = field(default_factory=list)
     breaks: dict[Table, set[int]] = field(default_factory=dict)
+    #: Per request (its field indexes): (series, register offset) pairs when every field of it
+    #: is a plain uint16 (no scale, offset or deadband), whose value is the register itself;
+    #: None when a field needs decoding. Filled on first use, cleared by replan().
+    plain: dict[tuple[int, ...], list[tuple[str, int]] | None] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -148,6 +160,7 @@ class _Device:
         return self.cfg.interval_s
 
     def replan(self, source: str) -> None:
+        self.plain.clear()
         spans = [Span(f.rf.spec.table, f.rf.spec.address, f.rf.spec.count) for f in self.fields]
         failing = [i for i, f in enumerate(self.fields) if f.failing_code is not None]
         # No read may span a failing field: break right after it (fields before it end there).
@@ -188,6 +201,21 @@ class _Conn:
     detail: dict[str, Any]
     silent: int = 0
     loud: bool = False
+
+
+def _plain_pairs(
+    fields: Sequence[_Field], idxs: Sequence[int], base: int
+) -> list[tuple[str, int]] | None:
+    pairs = []
+    for i in idxs:
+        f = fields[i]
+        spec = f.rf.spec
+        if (spec.dtype != "uint16" or spec.order not in ("ABCD", "CDAB")
+                or spec.table in BIT_TABLES or spec.scale != 1.0
+                or spec.offset != 0.0 or f.rf.deadband is not None):
+            return None
+        pairs.append((f.series, f.address - base))
+    return pairs
 
 
 def _inter_frame_s(cfg: ModbusSourceConfig) -> float:
@@ -321,13 +349,20 @@ class ModbusSource:
 
     async def _run_conn(self, conn: _Conn, emit: Emit) -> None:
         now = time.monotonic()
-        for dev in conn.devices:
+        # The devices by when they are due next: (next_due, position, device).
+        due: list[tuple[float, int, _Device]] = []
+        for i, dev in enumerate(conn.devices):
+            # Every device is read at once at start; from the second poll on they are spread
+            # evenly over the interval (a steady load on the link and on the store, not a burst).
             dev.next_due = now
+            dev.stagger = i / len(conn.devices)
+            due.append((now, i, dev))
+        heapq.heapify(due)
         while True:
             if not conn.link.connected and not await self._connect(conn):
                 await asyncio.sleep(conn.backoff.next())
                 continue
-            dev = min(conn.devices, key=lambda d: d.next_due)
+            _, pos, dev = due[0]
             delay = dev.next_due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -336,6 +371,7 @@ class ModbusSource:
                     readings, lost = await self._poll(conn, dev)
             finally:
                 self._schedule(dev)
+                heapq.heapreplace(due, (dev.next_due, pos, dev))
             if readings:  # answers that arrived before a lost link are still good
                 await emit(readings)
                 self.stats.ok(len(readings))
@@ -392,6 +428,9 @@ class ModbusSource:
     def _schedule(self, dev: _Device) -> None:
         now = time.monotonic()
         interval = dev.interval
+        if dev.stagger:
+            dev.next_due += dev.stagger * interval
+            dev.stagger = 0.0
         if dev.next_due + interval <= now:
             # Late (slow bus, reconnect): keep the phase, skip the missed ticks, never burst.
             dev.next_due += math.ceil((now - dev.next_due) / interval) * interval
@@ -565,6 +604,18 @@ class ModbusSource:
         ts = res.ts
         values = res.values
         fields = dev.fields
+        key = tuple(idxs)
+        if key in dev.plain:
+            plain = dev.plain[key]
+        else:
+            plain = dev.plain[key] = _plain_pairs(fields, idxs, base)
+        if plain is not None:
+            # Registers that are their own values: no decoding, no checks (a uint16 is finite).
+            out.extend([Reading(series, ts, values[at]) for series, at in plain])
+            for i in idxs:
+                fields[i].problem = None
+            dev.count("readings", len(plain))
+            return
         bits = fields[idxs[0]].rf.spec.table in BIT_TABLES  # a request reads one table
         data = b"" if bits else words_to_bytes(values)
         n = 0

@@ -252,44 +252,68 @@ def _payload(ts: int, value: object) -> bytes:
                       ensure_ascii=False, allow_nan=False).encode()
 
 
+#: series -> (topic prefix, single-value messages?, suffix, datatype): what building a message
+#: needs of a reading's route and dataset, looked up once per reading.
+WireTable = dict[str, tuple[str, bool, str, Datatype]]
+
+
+def wire_table(
+    routes: Mapping[str, EnergydataRoute], datasets: Mapping[str, EnergydataDataset]
+) -> WireTable:
+    out: WireTable = {}
+    for series, r in routes.items():
+        ds = datasets[r.dataset]
+        out[series] = (ds.prefix, ds.messages == "single", r.suffix, r.datatype)
+    return out
+
+
 def build_messages(
     batch: Sequence[StoredReading],
     routes: Mapping[str, EnergydataRoute],
     datasets: Mapping[str, EnergydataDataset],
+    wire: WireTable | None = None,
 ) -> list[Message]:
     """The messages for ``batch`` in the order of their first reading (see module docstring).
 
     Every reading of ``batch`` is in exactly one message. Routes must exist for every series.
+    ``wire`` is :func:`wire_table` of ``routes`` and ``datasets``, if the caller keeps one.
     """
+    if wire is None:
+        wire = wire_table(routes, datasets)
     singles: list[tuple[int, Message]] = []
-    groups: dict[tuple[str, int], list[StoredReading]] = {}
+    groups: dict[tuple[str, int], list[tuple[str, int | float | str, int]]] = {}
     first: dict[tuple[str, int], int] = {}
     for pos, r in enumerate(batch):
-        route = routes[r.series]
-        ds = datasets[route.dataset]
-        if ds.messages == "single":
-            value = wire_value(r.value, route.datatype)
-            singles.append((pos, Message(f"{ds.prefix}/{route.suffix}", _payload(r.ts, value),
-                                         (r.id,))))
+        prefix, single, suffix, datatype = wire[r.series]
+        value = r.value
+        kind = type(value)
+        # Ints go as they are to any numeric datastream, floats to a double one; the rest (bools,
+        # text, floats for integer datastreams, anything for string ones) is converted.
+        if not ((kind is int and datatype != "string") or (kind is float and datatype == "double")):
+            value = wire_value(value, datatype)
+        if single:
+            singles.append((pos, Message(f"{prefix}/{suffix}", _payload(r.ts, value), (r.id,))))
             continue
-        key = (ds.prefix, r.ts)
-        groups.setdefault(key, []).append(r)
-        first.setdefault(key, pos)
+        key = (prefix, r.ts)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = []
+            first[key] = pos
+        group.append((suffix, value, r.id))
     out = singles
     for key, members in groups.items():
         prefix, ts = key
-        pending = list(members)
+        pending = members
         while pending:
             values: dict[str, int | float | str] = {}
             ids: list[int] = []
-            later: list[StoredReading] = []
-            for r in pending:
-                route = routes[r.series]
-                if route.suffix in values or len(values) >= MULTI_MAX_VALUES:
-                    later.append(r)
+            later: list[tuple[str, int | float | str, int]] = []
+            for suffix, value, rid in pending:
+                if suffix in values or len(values) >= MULTI_MAX_VALUES:
+                    later.append((suffix, value, rid))
                     continue
-                values[route.suffix] = wire_value(r.value, route.datatype)
-                ids.append(r.id)
+                values[suffix] = value
+                ids.append(rid)
             if len(ids) == 1:
                 # One value: the single-value form on the datastream's own topic.
                 (suffix, value), = values.items()
@@ -339,6 +363,8 @@ class EnergydataUplink:
         self._import_token = import_token or token
         self._routes = {r.series: r for r in cfg.routes}
         self._datasets = {d.name: d for d in cfg.datasets}
+        self._wire = wire_table(self._routes, self._datasets)
+        self._sizes = {r.series: 48 + len(r.suffix) for r in cfg.routes}
         self._publisher: WindowedPublisher | None = None
         self._importer: ImportBatcher | None = None
 
@@ -375,6 +401,8 @@ class EnergydataUplink:
     # -- the plugin contract ---------------------------------------------------------------------
 
     def check(self, item: StoredReading) -> str | None:
+        if type(item.value) is int and item.ts > 0:
+            return None  # an int suits every datatype (a string datastream takes its text)
         if item.ts <= 0:
             return f"timestamp {item.ts} is not after 1970"
         return value_problem(item.value, self._routes[item.series].datatype)
@@ -383,7 +411,7 @@ class EnergydataUplink:
         return None  # a batch may mix datasets: every message names its own topic
 
     def item_size(self, item: StoredReading) -> int:
-        return 48 + len(self._routes[item.series].suffix)
+        return self._sizes[item.series]
 
     def split(self, batch: Sequence[StoredReading], now_ms: int | None = None
               ) -> tuple[list[StoredReading], list[StoredReading]]:
@@ -420,7 +448,7 @@ class EnergydataUplink:
     async def _publish(self, items: Sequence[StoredReading]) -> SendResult:
         if not items:
             return SendResult()
-        messages = build_messages(items, self._routes, self._datasets)
+        messages = build_messages(items, self._routes, self._datasets, self._wire)
         acked, failure = await self.publisher.publish(messages)
         return SendResult(delivered=[i for m in acked for i in m.ids], failure=failure)
 

@@ -41,6 +41,7 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -288,7 +289,12 @@ class WindowedPublisher:
                 level("energydata_connect_failed", uplink=self.name,
                       outcome=result.outcome.value, error=result.message,
                       retry_in_s=round(delay, 2))
-                return result
+                if result.outcome is Outcome.AUTH:
+                    return result
+                # The connection's own backoff decides when to try again: the runner waits
+                # exactly that long instead of stacking its backoff on top (with several workers
+                # each failing, a 30 s outage used to leave a minute or more of waiting behind it).
+                return replace(result, retry_after=delay)
             self._link = result
             return result
 

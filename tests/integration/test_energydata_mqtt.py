@@ -370,3 +370,29 @@ async def test_tls_with_a_generated_test_ca(tmp_path: Path, env: Callable[..., A
         await sub.wait_count(20)
         assert set(received_values(sub.got)) == expected_values(rs)
         assert good.runner.state is UplinkState.OK
+
+
+async def test_a_refused_connection_sets_the_wait_and_the_runner_takes_it_as_it_is() -> None:
+    # Nothing listens on the port: a real refusal. The connection's own backoff picks the next
+    # attempt and hands it to the runner as retry_after, so the runner's backoff does not stack
+    # on top (bench/e2e.py: with three workers, a 30 s outage left a minute of waiting).
+    from gateway.sandbox.mosquitto import free_port
+    from gateway.uplinks.base import Outcome
+    from gateway.uplinks.energydata import Message
+    from gateway.uplinks.energydata_mqtt import WindowedPublisher
+
+    cfg = edk_cfg(free_port(), backoff_initial_s=4.0, backoff_max_s=16.0, connect_timeout_s=2)
+    pub = WindowedPublisher(cfg, Secret("tok", "test"))
+    msg = Message("siteA/tank1/level", b'{"timestamp":1,"value":1}', (1,))
+    try:
+        acked, failure = await pub.publish([msg])
+        assert acked == [] and failure is not None
+        assert failure.outcome is Outcome.TRANSIENT
+        assert failure.retry_after is not None and 2.0 <= failure.retry_after <= 4.0
+        # Asked again before that time: no new attempt, the rest of the same wait.
+        acked, again = await pub.publish([msg])
+        assert acked == [] and again is not None and again.retry_after is not None
+        assert again.retry_after <= failure.retry_after and again.message.startswith("reconnect in")
+        assert pub.connects == 1  # attempts: the second publish made none
+    finally:
+        await pub.aclose()

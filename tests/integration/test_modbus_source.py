@@ -790,3 +790,36 @@ async def test_aclose_is_idempotent_and_final() -> None:
     await src.aclose()
     with pytest.raises(RuntimeError, match="closed"):
         await src.run(Collector().emit)
+
+
+async def test_plain_uint16_requests_skip_decoding_and_read_the_same_values() -> None:
+    # A request of plain uint16 fields takes the no-decode path (the register is the value);
+    # byte-swapped orders, a scale or a deadband keep the decoder. All must read alike.
+    def u16(name: str, addr: int, **kw: Any) -> FieldSpec:
+        return FieldSpec(f"{name}", "holding", addr, "uint16", **kw)
+
+    def want(s: FieldSpec) -> int | float:
+        return 54321 if s.scale == 1.0 else 54321 * s.scale  # unscaled fields read as ints
+
+    plain = [u16("p.a", 0), u16("p.b", 1, order="CDAB"), u16("p.c", 3)]
+    swapped = [u16("s.a", 0), u16("s.b", 1, order="BADC")]
+    scaled = [u16("k.a", 0), u16("k.b", 1, scale=0.5)]
+    async with ModbusSimulator({1: plain, 2: swapped, 3: scaled}) as sim:
+        for unit, specs in ((1, plain), (2, swapped), (3, scaled)):
+            for s in specs:
+                sim.set_value(unit, s.series, want(s))
+        cfg = make_cfg(sim, [device("p", 1, plain), device("s", 2, swapped),
+                             device("k", 3, scaled)])
+        src = ModbusSource(cfg, REPO)
+        col = Collector()
+        async with running(src, col):
+            await wait_until(lambda: all(col.of(s.series) for s in plain + swapped + scaled),
+                             col)
+        devices = {d.name: d for c in src._conns for d in c.devices}
+    for s in plain + swapped + scaled:
+        values = {r.value for r in col.of(s.series)}
+        assert values == {want(s)}, s.series
+        assert all(type(v) is type(want(s)) for v in values), s.series
+    assert [v is not None for v in devices["p"].plain.values()] == [True]
+    assert all(v is None for v in devices["s"].plain.values())
+    assert all(v is None for v in devices["k"].plain.values())

@@ -1,0 +1,590 @@
+"""End-to-end benchmark: Modbus TCP -> gateway -> SQLite -> MQTT QoS 1 -> counting subscriber.
+
+    .venv/bin/python bench/e2e.py run [--gateway fieldgate|peer|both] [--units 200]
+        [--registers 125] [--interval 1.0] [--seconds 300] [--warmup 10] [--out FILE.json]
+    .venv/bin/python bench/e2e.py idle [--gateway ...]        # RSS with one device, one uplink
+    .venv/bin/python bench/e2e.py outage [--gateway ...] [--down 30] [--kill]
+    .venv/bin/python bench/e2e.py suite [--seconds 300]      # everything BENCHMARKS.md reports
+
+Every run starts its own parts, all on loopback:
+
+- the Modbus simulator (``gateway/sandbox/modbus_sim.py --counters``) in a child process:
+  units 1..N with ``--registers`` uint16 holding registers each; register 0 counts the polls that
+  read it, so every delivered point names the poll it came from;
+- a mosquitto on a free port (``gateway/sandbox/mosquitto.py``);
+- the counting subscriber (``bench/e2e_subscriber.py``), a process of its own;
+- the gateway under test: fieldgate (``python -m gateway run`` with a generated config: one
+  Modbus TCP source, one device per unit reading all registers, the Energydata uplink with
+  multi-value messages, QoS 1, plain TCP to the local broker), or the peer, ThingsBoard IoT
+  Gateway, installed from PyPI into its own venv at benchmark time (``bench/peer_tbgateway.py``).
+
+At the end the simulator is told to stop answering (SIGUSR1) and reports how many polls each
+unit answered; the harness waits for the subscriber to go quiet and then compares: a point is
+lost when a poll the simulator answered did not arrive whole, duplicated when it arrived twice.
+CPU is the gateway process's user+system time over the measured window (after ``--warmup``),
+as % of one core; RSS is sampled every second (VmRSS). Latency is the subscriber's arrival time
+minus the reading's timestamp (the poll), per point: broker acknowledgement and delivery to the
+subscriber are one broker step apart on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.sandbox.mosquitto import Mosquitto  # noqa: E402
+
+TOKEN = "bench-token"
+PREFIX = "bench"
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- process figures --------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its reaped children."""
+    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(parts[i]) for i in (11, 12, 13, 14)) / _TICK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Sampler:
+    """RSS every second and CPU over a window, for one process (and its children's pids)."""
+
+    pids: list[int]
+    rss: list[float] = field(default_factory=list)
+    _task: asyncio.Task[None] | None = None
+
+    def total_rss(self) -> float:
+        return sum(rss_mib(p) for p in self.pids if Path(f"/proc/{p}").exists())
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p) for p in self.pids if Path(f"/proc/{p}").exists())
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                self.rss.append(self.total_rss())
+            await asyncio.sleep(1.0)  # a sampling period, not a synchronisation
+
+    def start(self) -> None:
+        self.rss.clear()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+# -- the parts ------------------------------------------------------------------------------
+
+
+class Simulator:
+    def __init__(self, units: range, registers: int) -> None:
+        self.units, self.registers = units, registers
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.sandbox.modbus_sim", "--counters",
+             f"{self.units.start}-{self.units.stop - 1}={self.registers}", "--port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        self.port = json.loads(self.proc.stdout.readline())["port"]
+
+    def hush(self) -> dict[int, int]:
+        """Stop answering; the polls each unit answered."""
+        assert self.proc is not None and self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        line = self.proc.stdout.readline()
+        return {int(u): n for u, n in json.loads(line)["polls"].items()}
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class Subscriber:
+    def __init__(self, port: int, topic: str, fmt: str, units: range, registers: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "e2e_subscriber.py"), "--port", str(port),
+             "--topic", topic, "--format", fmt, "--registers", str(registers),
+             "--units", f"{units.start}-{units.stop - 1}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        assert json.loads(self.ask_raw())["ready"]
+
+    def ask_raw(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline()
+
+    def ask(self, cmd: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return dict(json.loads(self.ask_raw()))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ask("quit")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+# -- the gateways ---------------------------------------------------------------------------
+
+
+class GatewayProcess:
+    """A gateway under test as a child process: its pid, kill -9, and SIGTERM with a deadline."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return [self.proc.pid]
+
+    def _send(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self._send(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self._send(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+
+class Fieldgate(GatewayProcess):
+    name = "fieldgate"
+    topic = PREFIX
+    fmt = "fieldgate"
+
+    def __init__(self, workdir: Path, *, modbus_port: int, units: range, registers: int,
+                 interval: float, mqtt_port: int, commit_interval_ms: int | None = None,
+                 health: bool = False) -> None:
+        self.workdir = workdir
+        self.db = workdir / "fieldgate.db"
+        self.config = workdir / "fieldgate.toml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        profile = workdir / "counter.toml"
+        profile.write_text(
+            'manufacturer = "fieldgate bench"\nmodel = "counter"\ntable = "holding"\n'
+            + "".join(f'[[fields]]\nname = "r{i}"\naddress = {i}\ntype = "uint16"\n'
+                      for i in range(registers))
+        )
+        lines = [
+            "[store]", f'path = "{self.db}"',
+            *([f"commit_interval_ms = {commit_interval_ms}"] if commit_interval_ms else []),
+            # Off by default: the peer has no local endpoint either (--health turns it on).
+            "[health]", f"enabled = {'true' if health else 'false'}", "port = 0",
+            "[log]", 'level = "warning"', 'format = "json"',
+            "[clock]", 'trust = "always"',
+            "[[sources]]", 'name = "plant"', 'type = "modbus"', 'transport = "tcp"',
+            'host = "127.0.0.1"', f"port = {modbus_port}", "timeout_s = 2.0",
+        ]
+        for u in units:
+            lines += ["[[sources.devices]]", f'name = "u{u}"', f"unit = {u}",
+                      f"interval_s = {interval}", f'profile = "{profile}"']
+        lines += [
+            "[[uplinks]]", 'name = "energydata"', 'type = "energydata"', 'host = "127.0.0.1"',
+            f"port = {mqtt_port}", "tls = false",
+            f'token = {{ value = "{TOKEN}", plain_text = true }}',
+            "[[uplinks.datasets]]", 'name = "bench"', f'prefix = "{PREFIX}"', 'messages = "multi"',
+        ]
+        for u in units:
+            for r in range(registers):
+                lines += ["[[uplinks.routes]]", f'series = "u{u}.r{r}"', 'dataset = "bench"',
+                          f'suffix = "u{u}/r{r}"', 'datatype = "integer"']
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        log = (self.workdir / "fieldgate.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )
+
+    def durable_counters(self) -> dict[int, int]:
+        """Per unit, the highest poll counter in the store (read after a kill)."""
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        try:
+            rows = con.execute(
+                "SELECT s.name, max(r.value) FROM readings r JOIN series s ON s.id = r.series "
+                "WHERE s.name LIKE 'u%.r0' GROUP BY s.name").fetchall()
+        finally:
+            con.close()
+        return {int(name[1:].split(".")[0]): int(v) for name, v in rows}
+
+
+class Peer(GatewayProcess):
+    name = "thingsboard-gateway"
+    fmt = "peer"
+
+    def __init__(self, workdir: Path, *, modbus_port: int, units: range, registers: int,
+                 interval: float, mqtt_port: int, venv: Path) -> None:
+        from bench import peer_tbgateway as tb
+
+        self.tb = tb
+        self.topic = tb.PEER_TOPIC
+        self.workdir = workdir
+        self.python = tb.ensure_peer(venv)
+        self.config_dir = tb.write_peer_config(
+            workdir, modbus_port=modbus_port, units=list(units), registers=registers,
+            poll_ms=int(interval * 1000), mqtt_port=mqtt_port)
+        self.mqtt_port = mqtt_port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stub: asyncio.Task[None] | None = None
+
+    async def _stub_forever(self) -> None:
+        # The peer publishes nothing until "ThingsBoard" answers its session-limits request
+        # (bench/peer_tbgateway.py); the stand-in reconnects when the broker comes back.
+        import aiomqtt
+
+        while True:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self.tb.serve_thingsboard_stub(self.mqtt_port)
+            await asyncio.sleep(0.5)  # broker down: try again
+
+    def start(self) -> None:
+        if self._stub is None:
+            self._stub = asyncio.get_running_loop().create_task(self._stub_forever())
+        self.proc = self.tb.start_peer(self.python, self.config_dir, self.workdir / "peer.log")
+
+    def _send(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)  # the peer's whole process group
+
+    def stop(self) -> int:
+        if self._stub is not None:
+            self._stub.cancel()
+            self._stub = None
+        return super().stop()
+
+
+Gateway = Fieldgate | Peer
+
+
+@dataclass
+class Rig:
+    workdir: Path
+    units: range
+    registers: int
+    interval: float
+    sim: Simulator
+    broker: Mosquitto
+    gw: Gateway
+    sub: Subscriber
+
+
+@contextlib.asynccontextmanager
+async def rig(which: str, args: argparse.Namespace, **fg_extra: Any) -> AsyncIterator[Rig]:
+    units = range(1, args.units + 1)
+    with tempfile.TemporaryDirectory(prefix=f"fieldgate-e2e-{which}-") as tmp:
+        workdir = Path(tmp)
+        sim = Simulator(units, args.registers)
+        sim.start()
+        # Persistent sessions, no queue limit: when the broker comes back after an outage, what
+        # a gateway publishes before the subscriber has reconnected is queued for it (the
+        # subscriber's session survives the restart), so a late subscriber never looks like loss.
+        broker = Mosquitto(workdir / "mq", max_inflight_messages=1000, max_queued_messages=0,
+                           persistence=True)
+        await broker.start()
+        gw: Gateway
+        try:
+            common: dict[str, Any] = dict(modbus_port=sim.port, units=units,
+                                          registers=args.registers, interval=args.interval,
+                                          mqtt_port=broker.port)
+            if which == "fieldgate":
+                gw = Fieldgate(workdir, **common, **fg_extra)
+            else:
+                gw = Peer(workdir, **common, venv=Path(args.peer_venv))
+            sub = Subscriber(broker.port, gw.topic, gw.fmt, units, args.registers)
+            try:
+                yield Rig(workdir, units, args.registers, args.interval, sim, broker, gw, sub)
+            finally:
+                gw.stop()
+                sub.close()
+        finally:
+            await broker.aclose()
+            sim.close()
+
+
+async def drain(r: Rig, expected_points: int, quiet_s: float = 10.0,
+                limit_s: float = 180.0) -> dict[str, Any]:
+    """Wait until the subscriber has every expected point, or nothing has arrived for quiet_s
+    (counted from the later of the last arrival and the start of the wait), or limit_s."""
+    started = time.time()
+    deadline = time.monotonic() + limit_s
+    while True:
+        st = r.sub.ask("stats")
+        if st["points"] - st["dups"] - st["redelivered"] >= expected_points:
+            return st
+        if time.time() - max(st["last_arrival"], started) > quiet_s:
+            return st
+        if time.monotonic() > deadline:
+            return st
+        await asyncio.sleep(0.25)  # polling another process: nothing to await
+
+
+def account(r: Rig, polls: dict[int, int], st: dict[str, Any]) -> dict[str, Any]:
+    """Lost and duplicated points against the polls the simulator answered."""
+    got = r.sub.ask("polls")
+    whole = {int(u): [c for c, _ts, _at in v] for u, v in got["whole"].items()}
+    expected = sum(polls.values()) * r.registers
+    lost_polls: dict[int, list[int]] = {}
+    for u, n in polls.items():
+        have = set(whole.get(u, []))
+        missing = [c for c in range(1, n + 1) if c not in have]
+        if missing:
+            lost_polls[u] = missing
+    distinct = st["points"] - st["dups"] - st["redelivered"]
+    return {
+        "polls_answered": sum(polls.values()),
+        "points_expected": expected,
+        "points_received": st["points"],
+        "duplicates": st["dups"],
+        "broker_redeliveries_to_subscriber": st["redelivered"],
+        "lost": max(expected - distinct, 0),
+        "polls_not_whole": sum(len(v) for v in lost_polls.values()),
+        "lost_polls": {u: v[:10] for u, v in list(lost_polls.items())[:10]},
+        "open_groups": got["open"],
+        "errors": st["errors"],
+        "_whole": got["whole"],
+    }
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+
+async def scenario_run(which: str, args: argparse.Namespace) -> dict[str, Any]:
+    extra = {"commit_interval_ms": args.commit_ms} if args.commit_ms else {}
+    async with rig(which, args, **extra) as r:
+        r.gw.start()
+        sampler = Sampler(r.gw.pids)
+        sampler.start()
+        await asyncio.sleep(args.warmup)  # let connections and caches settle before measuring
+        r.sub.ask("mark")
+        p0, c0, t0 = r.sub.ask("stats")["points"], sampler.cpu(), time.monotonic()
+        rss_from = len(sampler.rss)
+        spy = None
+        if args.profile:
+            # py-spy samples the running gateway from outside (collapsed stacks, GIL holder).
+            # Popen is fine here: it returns at once and the harness waits on it below.
+            spy = subprocess.Popen(  # noqa: ASYNC220
+                ["py-spy", "record", "-p", str(r.gw.pids[0]), "-d", str(int(args.seconds)),
+                 "-f", "raw", "-o", args.profile, "-r", "100", "--gil"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await asyncio.sleep(args.seconds)  # the measured window
+        if spy is not None:
+            await asyncio.to_thread(spy.wait)
+        st1, c1, t1 = r.sub.ask("stats"), sampler.cpu(), time.monotonic()
+        window = t1 - t0
+        rss = sampler.rss[rss_from:] or sampler.rss
+        polls = r.sim.hush()
+        st = await drain(r, sum(polls.values()) * r.registers)
+        await sampler.stop()
+        acct = account(r, polls, st)
+        rc = r.gw.stop()
+        delivered = st1["points"] - p0
+        cpu_pct = 100 * (c1 - c0) / window
+        return {
+            "gateway": which,
+            "units": len(r.units), "registers": r.registers, "interval_s": r.interval,
+            "offered_points_per_s": len(r.units) * r.registers / r.interval,
+            "window_s": round(window, 1),
+            "delivered_points_per_s": round(delivered / window),
+            "cpu_pct_of_core": round(cpu_pct, 1),
+            "cpu_us_per_point": round(1e6 * (c1 - c0) / max(delivered, 1), 2),
+            "rss_mib": {"mean": round(sum(rss) / len(rss), 1), "max": round(max(rss), 1)},
+            "latency_ms": st1["latency_ms"],
+            "exit_code": rc,
+            **acct,
+        }
+
+
+async def scenario_idle(which: str, args: argparse.Namespace) -> dict[str, Any]:
+    args = argparse.Namespace(**{**vars(args), "units": 1})
+    extra = {"health": True} if args.health else {}
+    async with rig(which, args, **extra) as r:
+        r.gw.start()
+        sampler = Sampler(r.gw.pids)
+        sampler.start()
+        await asyncio.sleep(args.seconds)  # idle: one device polled, nothing else happens
+        await sampler.stop()
+        st = r.sub.ask("stats")
+        return {"gateway": which, "health_endpoint": bool(extra),
+                "units": 1, "registers": r.registers, "interval_s": r.interval,
+                "seconds": args.seconds, "points_received": st["points"],
+                "rss_mib": {"end": round(sampler.rss[-1], 1), "max": round(max(sampler.rss), 1)}}
+
+
+async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any]:
+    extra = {"commit_interval_ms": args.commit_ms} if args.commit_ms else {}
+    async with rig(which, args, **extra) as r:
+        r.gw.start()
+        sampler = Sampler(r.gw.pids)
+        sampler.start()
+        await asyncio.sleep(args.warmup)
+        await r.broker.stop()  # SIGTERM: it saves the subscriber's session; clients just lose it
+        down_at = time.time()
+        durable: dict[int, int] = {}
+        if args.kill:
+            await asyncio.sleep(args.down / 2)  # the outage, half way
+            r.gw.kill()
+            if isinstance(r.gw, Fieldgate):
+                durable = r.gw.durable_counters()
+            r.gw.start()
+            await sampler.stop()
+            sampler = Sampler(r.gw.pids)
+            sampler.start()
+            await asyncio.sleep(args.down / 2)
+        else:
+            await asyncio.sleep(args.down)  # the outage
+        await r.broker.start()
+        up_at = time.time()
+        up_ms = int(up_at * 1000)
+        await asyncio.sleep(args.down)  # catching up, then live again
+        polls = r.sim.hush()
+        # A gateway may still be waiting out its reconnect backoff: allow it a long silence.
+        st = await drain(r, sum(polls.values()) * r.registers, quiet_s=60.0)
+        await sampler.stop()
+        acct = account(r, polls, st)
+        # Caught up: the last poll stamped before the reconnect that arrived, after it.
+        before = [at for v in acct["_whole"].values() for _c, ts, at in v if ts < up_ms]
+        caught_up_s = round((max(before) - up_ms) / 1000, 2) if before else None
+        # The gateway's reconnect, seen from outside: the first arrival after the broker is back.
+        after = [at for v in acct["_whole"].values() for _c, _ts, at in v if at >= up_ms]
+        reconnect_s = round((min(after) - up_ms) / 1000, 2) if after else None
+        out: dict[str, Any] = {
+            "gateway": which, "units": len(r.units), "registers": r.registers,
+            "interval_s": r.interval, "down_s": round(up_at - down_at, 1), "killed": args.kill,
+            **({"commit_interval_ms": args.commit_ms} if extra else {}),
+            "backlog_points": round((up_at - down_at) * len(r.units) * r.registers / r.interval),
+            "caught_up_s": caught_up_s,
+            "first_delivery_after_broker_up_s": reconnect_s,
+            "caught_up_after_reconnect_s": (round(caught_up_s - reconnect_s, 2)
+                                            if caught_up_s is not None and reconnect_s is not None
+                                            else None),
+            "rss_mib_max": round(max(sampler.rss), 1) if sampler.rss else None,
+            **acct,
+        }
+        if durable:
+            lost_durable = sum(1 for u, cs in acct["lost_polls"].items() for c in cs
+                               if c <= durable.get(u, 0))
+            out["lost_polls_that_were_durable"] = lost_durable
+        out["exit_code"] = r.gw.stop()
+        return out
+
+
+async def scenario_suite(which: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every figure BENCHMARKS.md reports, for one gateway."""
+    def with_(**kw: Any) -> argparse.Namespace:
+        return argparse.Namespace(**{**vars(args), **kw})
+
+    out: dict[str, Any] = {"gateway": which}
+    out["idle"] = await scenario_idle(which, with_(seconds=args.idle_seconds, interval=1.0))
+    if which == "fieldgate":
+        out["idle_with_health"] = await scenario_idle(
+            which, with_(seconds=args.idle_seconds, interval=1.0, health=True))
+    out["load_25k"] = await scenario_run(which, with_(units=200, interval=1.0))
+    out["load_high"] = await scenario_run(which, with_(units=args.high_units,
+                                                       interval=args.high_interval))
+    if which == "fieldgate":
+        # The latency target with a shorter group commit (the peer has no such knob: its
+        # storage commits every 100 ms). The default 250 ms spares an SD card fsyncs.
+        out["latency_25k"] = await scenario_run(which, with_(units=200, interval=1.0,
+                                                             commit_ms=args.latency_commit_ms))
+    out["outage"] = await scenario_outage(which, with_(units=200, interval=1.0, kill=False))
+    out["outage_kill"] = await scenario_outage(which, with_(units=200, interval=1.0, kill=True))
+    for v in out.values():
+        if isinstance(v, dict):
+            v.pop("_whole", None)
+    return out
+
+
+SCENARIOS = {"run": scenario_run, "idle": scenario_idle, "outage": scenario_outage,
+             "suite": scenario_suite}
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    which = ["fieldgate", "peer"] if args.gateway == "both" else [args.gateway]
+    results = []
+    for w in which:
+        res = await SCENARIOS[args.scenario](w, args)
+        res.pop("_whole", None)
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")  # noqa: ASYNC240
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scenario", choices=sorted(SCENARIOS))
+    ap.add_argument("--gateway", choices=["fieldgate", "peer", "both"], default="fieldgate")
+    ap.add_argument("--units", type=int, default=200)
+    ap.add_argument("--registers", type=int, default=125)
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warmup", type=float, default=10.0)
+    ap.add_argument("--down", type=float, default=30.0)
+    ap.add_argument("--kill", action="store_true")
+    ap.add_argument("--health", action="store_true", help="idle: fieldgate with /health on")
+    ap.add_argument("--commit-ms", type=int, default=None)
+    ap.add_argument("--peer-venv", default=str(Path.home() / ".cache" / "fieldgate-bench"
+                                               / "tbgateway-3.8.5"))
+    ap.add_argument("--idle-seconds", type=float, default=60.0, help="suite: the idle run")
+    ap.add_argument("--latency-commit-ms", type=int, default=25,
+                    help="suite: fieldgate's commit_interval_ms in the latency run")
+    ap.add_argument("--high-units", type=int, default=100, help="suite: the high-rate run")
+    ap.add_argument("--high-interval", type=float, default=0.1, help="suite: the high-rate run")
+    ap.add_argument("--profile", help="py-spy collapsed stacks of the gateway to this file")
+    ap.add_argument("--out")
+    asyncio.run(main_async(ap.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
