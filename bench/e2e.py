@@ -301,7 +301,9 @@ class Peer(GatewayProcess):
         if self._stub is not None:
             self._stub.cancel()
             self._stub = None
-        return super().stop()
+        if self.proc is not None and self.proc.poll() is None:
+            self.tb.stop_peer(self.proc, timeout_s=30)
+        return self.proc.returncode if self.proc else 0
 
 
 Gateway = Fieldgate | Peer
