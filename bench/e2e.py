@@ -233,10 +233,10 @@ class Fieldgate(GatewayProcess):
             f'token = {{ value = "{TOKEN}", plain_text = true }}',
             "[[uplinks.datasets]]", 'name = "bench"', f'prefix = "{PREFIX}"', 'messages = "multi"',
         ]
-        for u in units:
-            for r in range(registers):
-                lines += ["[[uplinks.routes]]", f'series = "u{u}.r{r}"', 'dataset = "bench"',
-                          f'suffix = "u{u}/r{r}"', 'datatype = "integer"']
+        # One pattern route for every unit's registers (u1.r0 -> bench/u1/r0), as the peer's
+        # range datapoint covers a unit's 125 registers in one entry.
+        lines += ["[[uplinks.routes]]", 'series = "u*.r*"', 'dataset = "bench"',
+                  'suffix = "u{1}/r{2}"', 'datatype = "integer"']
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
@@ -416,7 +416,8 @@ async def scenario_run(which: str, args: argparse.Namespace) -> dict[str, Any]:
             # py-spy samples the running gateway from outside (collapsed stacks, GIL holder).
             # Popen is fine here: it returns at once and the harness waits on it below.
             spy = subprocess.Popen(  # noqa: ASYNC220
-                ["py-spy", "record", "-p", str(r.gw.pids[0]), "-d", str(int(args.seconds)),
+                [str(Path(sys.executable).with_name("py-spy")),  # the venv's, as installed
+                 "record", "-p", str(r.gw.pids[0]), "-d", str(int(args.seconds)),
                  "-f", "raw", "-o", args.profile, "-r", "100", "--gil"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         await asyncio.sleep(args.seconds)  # the measured window

@@ -56,6 +56,7 @@ from gateway.configbase import (  # re-exported: the config API in one place
     world_readable,
 )
 from gateway.errors import ConfigError
+from gateway.routes import compile_pattern, is_pattern
 from gateway.sources.modbus_config import PROFILE_BASE_DIR, ModbusSourceConfig
 from gateway.sources.nmea import NmeaConfig
 from gateway.sources.sdi12 import Sdi12Config
@@ -279,13 +280,24 @@ def _cross_checks(settings: Settings, text: str, warnings: list[str]) -> list[tu
                 )
             )
     produced = settings.produced_series()
+    if produced is None:
+        return problems
     for ui, u in enumerate(settings.uplinks):
         for ri, series in enumerate(u.routed_series()):
-            if produced is not None and series not in produced:
+            if is_pattern(series):
+                rx = compile_pattern(series)
+                if not any(rx.match(s) for s in produced):
+                    warnings.append(
+                        f"uplinks[{ui}].routes[{ri}].series: the pattern {series!r} matches no "
+                        "series a configured source declares (it will take any that appears)"
+                    )
+            elif series not in produced:
                 warnings.append(
                     f"uplinks[{ui}].routes[{ri}].series: no configured source declares "
                     f"series {series!r} (it will be sent if a source produces it)"
                 )
+        for tpath, msg in u.series_problems(produced):
+            problems.append((_with_line(f"uplinks[{ui}].{tpath}", text), msg))
     return problems
 
 

@@ -15,6 +15,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.routes import is_pattern
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
 
@@ -264,6 +266,8 @@ class RouteBase(Strict):
     every reading as it is.
     """
 
+    #: A series name, or a pattern where each ``*`` matches any run of characters (plugins that
+    #: allow it; gateway/routes.py has the precedence rules).
     series: str = Field(min_length=1, max_length=200)
     min_interval_s: float = Field(default=0.0, ge=0)
     downsample: Literal["last", "mean", "min", "max"] = "last"
@@ -299,6 +303,9 @@ class UplinkConfigBase(Strict):
     hold_unsynced: bool = True
 
     route_model: ClassVar[type[RouteBase]] = RouteBase
+    #: Whether routes may name series patterns (``series = "pump*.flow"``, gateway/routes.py):
+    #: only plugins whose identifiers can be templated per series (Energydata's topic suffix).
+    route_patterns: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def _unique_series(self) -> UplinkConfigBase:
@@ -307,7 +314,19 @@ class UplinkConfigBase(Strict):
         dups = sorted({r.series for r in routes if r.series in seen or seen.add(r.series)})  # type: ignore[func-returns-value]
         if dups:
             raise ValueError(f"series routed twice to this uplink: {', '.join(dups)}")
+        if not self.route_patterns:
+            patterns = [r.series for r in routes if is_pattern(r.series)]
+            if patterns:
+                raise ValueError(
+                    f"series patterns ({', '.join(patterns[:3])}) are not supported by this "
+                    "uplink: each route names one series (patterns: energydata routes)")
         return self
 
     def routed_series(self) -> list[str]:
+        """The routes' ``series``: names and patterns (the store's routing takes both)."""
         return [r.series for r in getattr(self, "routes", [])]
+
+    def series_problems(self, produced: Iterable[str]) -> list[tuple[str, str]]:
+        """(TOML path under this uplink, message) for what routing the series the sources
+        declare would get wrong; plugins with pattern routes check what the patterns make."""
+        return []

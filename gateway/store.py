@@ -49,6 +49,7 @@ from gateway.configbase import StoreConfig
 from gateway.errors import StoreCorrupt, StoreError
 from gateway.intervals import IntervalSet
 from gateway.models import Position, Quality, Reading, StoredReading, Value
+from gateway.routes import SeriesFilter
 
 log = structlog.get_logger(__name__)
 
@@ -218,7 +219,8 @@ class Store:
         self.cfg = cfg
         self.path = Path(cfg.path)
         self._reserve = Path(f"{self.path}.reserve")
-        self._routes = {name: set(series) for name, series in routes.items()}
+        # Per uplink, the series it takes: names and ``*`` patterns (gateway/routes.py).
+        self._routes = {name: SeriesFilter(series) for name, series in routes.items()}
         self._w: aiosqlite.Connection | None = None
         self._r: aiosqlite.Connection | None = None
         self._wlock = asyncio.Lock()
@@ -365,7 +367,7 @@ class Store:
                     await self._save_cursor(c)
             self._cursors[name] = c
         if not self.readonly:
-            await self._intern(sorted({s for ss in self._routes.values() for s in ss}))
+            await self._intern(sorted({s for f in self._routes.values() for s in f.names}))
         self._rebuild_routing()
         for c in self._cursors.values():
             c.backlog = await self._count_backlog(c)
@@ -448,11 +450,12 @@ class Store:
 
     def _rebuild_routing(self) -> None:
         self._uplinks_by_series = {}
-        for name, series in self._routes.items():
+        for name, routed in self._routes.items():
             c = self._cursors.get(name)
             if c is None:
                 continue
-            c.series_ids = {self._series[s] for s in series if s in self._series}
+            # A pattern takes a series when it is first interned (a source produced it).
+            c.series_ids = routed.select(self._series)
             if c.series_ids and len(c.series_ids) == len(self._series_names):
                 c.sql_series = "1"
             else:

@@ -178,3 +178,87 @@ def test_check_config_cli_exits_78_with_errors_on_stderr(tmp_path: Path, good: s
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "s3cr3t" not in proc.stdout + proc.stderr
+
+
+EDK_PATTERNS = """
+[store]
+path = "{tmp}/q.db"
+
+[[sources]]
+name = "plant"
+type = "synthetic"
+[[sources.series]]
+name = "u1.r0"
+[[sources.series]]
+name = "u1.r1"
+[[sources.series]]
+name = "u12.r0"
+
+[[uplinks]]
+name = "edk"
+type = "energydata"
+token = {{ env = "UNUSED" }}
+[[uplinks.datasets]]
+name = "site"
+prefix = "siteA"
+[[uplinks.routes]]
+series = "{series}"
+dataset = "site"
+suffix = "{suffix}"
+"""
+
+
+def edk(tmp_path: Path, series: str, suffix: str, extra: str = "") -> str:
+    return EDK_PATTERNS.format(tmp=tmp_path, series=series, suffix=suffix) + extra
+
+
+@pytest.mark.parametrize(("series", "suffix", "message"), [
+    ("u*.r*", "unit{1}/reg{3}", "unknown placeholder {3} (this route knows {series}, {1}, {2})"),
+    ("u*.r*", "unit{1}", "must use {series} or every capture {1}..{2} of 'u*.r*'"),
+    ("u*.r*", "unit{1}/reg{2", "unbalanced { or }"),
+    ("u*.r*", "unit {1}/{2}", "one or more parts of A-Z a-z 0-9 _ . - separated by /"),
+    ("u1.r0", "unit{1}", "unknown placeholder {1} (this route knows {series})"),
+])
+def test_energydata_pattern_route_templates_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, series: str, suffix: str, message: str
+) -> None:
+    monkeypatch.setenv("UNUSED", "x")
+    got = problems(edk(tmp_path, series, suffix))
+    assert len(got) == 1 and got[0][0].startswith("uplinks[0].routes[0] (line ")
+    assert message in got[0][1]
+
+
+def test_a_pattern_route_takes_no_datastream_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UNUSED", "x")
+    got = problems(edk(tmp_path, "u*.r*", "u{1}/r{2}") + "datastream = 7\n")
+    assert "no datastream id" in got[0][1]
+
+
+def test_pattern_routes_loaded_against_the_declared_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UNUSED", "x")
+    ok = load_config_text(edk(tmp_path, "u*.r*", "unit{1}/reg{2}"))
+    assert ok.warnings == []
+    # A second pattern that matches nothing declared is accepted with a warning.
+    more = '[[uplinks.routes]]\nseries = "pump*"\ndataset = "site"\nsuffix = "p/{series}"\n'
+    loaded = load_config_text(edk(tmp_path, "u*.r*", "unit{1}/reg{2}", more))
+    assert loaded.warnings == ["uplinks[0].routes[1].series: the pattern 'pump*' matches no "
+                               "series a configured source declares (it will take any that "
+                               "appears)"]
+    # "u1.r23" and "u12.r3" would both publish to siteA/x123 with this (legal) template...
+    text = edk(tmp_path, "u*.r*", "x{1}{2}")
+    got = problems(text.replace('"u12.r0"', '"u12.r3"').replace('"u1.r1"', '"u1.r23"'))
+    assert got == [(got[0][0], "series 'u1.r23' and 'u12.r3' both publish to topic 'siteA/x123'")]
+    assert got[0][0].startswith("uplinks[0].routes[0].suffix (line ")
+    # ... and a capture that makes no topic part is named before anything runs.
+    got = problems(edk(tmp_path, "u*", "u/{1}").replace('"u12.r0"', '"u12 r0"'))
+    assert "series 'u12 r0' makes topic suffix 'u/12 r0'" in got[0][1]
+
+
+def test_series_patterns_are_refused_where_the_plugin_has_fixed_identifiers(good: str) -> None:
+    got = problems(good.replace('series = "tank1.level"', 'series = "tank*.level"'))
+    assert got[0][0].startswith("uplinks[0] (line ")
+    assert "series patterns (tank*.level) are not supported by this uplink" in got[0][1]

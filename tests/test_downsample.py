@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.configbase import RouteBase, StoreConfig, UplinkConfigBase
 from gateway.models import Reading, StoredReading
+from gateway.routes import RouteTable
 from gateway.store import Store
 from gateway.uplinks.base import Outcome, SendResult
 from gateway.uplinks.dispatch import UplinkRunner
@@ -216,3 +217,19 @@ async def test_partial_failure_does_not_make_older_windows_late(store: Store) ->
     await run_until_drained(store, r, 30)
     assert await store.dead_letters("rule") == []
     assert sorted(up.received) == [float(k) for k in range(5, 30, 6)]
+
+
+def test_a_pattern_route_downsamples_each_series_it_takes_on_its_own() -> None:
+    routes = RouteTable([RouteBase(series="well*.level", min_interval_s=60, downsample="max"),
+                         RouteBase(series="well2.level")])
+    d = Downsampler(routes)
+    assert d.active
+    items = [StoredReading(i, s, 60_000 * k + i, float(i))
+             for i, (s, k) in enumerate([("well1.level", 0), ("well1.level", 0),
+                                         ("well2.level", 0), ("well3.level", 0),
+                                         ("well1.level", 1), ("well3.level", 1)], start=1)]
+    plan = d.plan(items, now_ms=10 * 60_000)
+    # well2.level has its own exact route (no window): sent as it is.
+    assert [(a.series, a.value) for a in plan.send] == [
+        ("well2.level", 3.0), ("well1.level", 2.0), ("well3.level", 4.0),
+        ("well1.level", 5.0), ("well3.level", 6.0)]

@@ -287,5 +287,13 @@ def test_the_sample_config_section_loads() -> None:
     [section] = data["uplinks"]
     cfg = EnergydataConfig.model_validate(section)
     assert cfg.backfill is not None and cfg.backfill.token is None
-    assert [r.datastream for r in cfg.routes] == [19323, None]
+    assert [r.datastream for r in cfg.routes] == [19323, None, None]
+    # The sample's pattern route names each meter's datastreams from the series.
+    from gateway.configbase import Secret
+
+    up = EnergydataUplink(cfg, Secret("tok", "test"))
+    assert up.wire["meter12.voltage_l3"][::2] == ("my-topic-prefix", "meter/12/voltage_l3", None)
+    assert up.wire.header("meter12.voltage_l3") == "my-topic-prefix/meter/12/voltage_l3"
+    assert up.wire.header("well3.level") == "19323"
+    assert "tank.level" not in up.routes
     assert cfg.token.credential == "energydata"

@@ -312,3 +312,27 @@ async def test_an_uplink_routed_every_known_series_still_skips_a_series_added_la
         assert await s.lease("a", 10) is None
     finally:
         await close(s, t)
+
+
+async def test_a_pattern_route_takes_series_as_they_appear_and_after_a_restart(
+    cfg: StoreConfig,
+) -> None:
+    s, t = await opened(cfg, {"a": ["u*.r*", "x"], "b": ["u1.r0"]})
+    ts = now_ms()
+    try:
+        await s.ingest([Reading("u1.r0", ts, 1), Reading("u2.r5", ts, 2), Reading("v1.r0", ts, 3),
+                        Reading("x", ts, 4)], durable=True)
+        assert s.uplink_stats("a")["backlog"] == 3 and s.uplink_stats("b")["backlog"] == 1
+        la = await s.lease("a", 10, live_first=False)
+        assert la is not None
+        assert [i.series for i in la.items] == ["u1.r0", "u2.r5", "x"]
+    finally:
+        await close(s, t)
+    # Reopened: the pattern matches the series already in the file.
+    s, t = await opened(cfg, {"a": ["u*.r*", "x"], "b": ["u1.r0"]})
+    try:
+        assert s.uplink_stats("a")["backlog"] == 3
+        la = await s.lease("a", 10, live_first=False)
+        assert la is not None and [i.series for i in la.items] == ["u1.r0", "u2.r5", "x"]
+    finally:
+        await close(s, t)

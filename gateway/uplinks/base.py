@@ -76,11 +76,12 @@ class SendResult:
 class Uplink(Protocol):
     """A service plugin. Built from its config section by ``gateway.app``.
 
-    ``routes`` names the series this uplink takes (exact series names); the store only leases
-    those to it. ``check`` refuses an item locally before any request (the reason is dead-lettered
-    without spending the service's quota). ``group_key`` puts items that may share one request
-    together (None: any item goes with any other). ``item_size`` estimates encoded bytes so
-    batches respect the service's body limit.
+    ``routes`` names the series this uplink takes (series names, or ``*`` patterns where the
+    plugin allows them: gateway/routes.py); the store only leases those to it. ``check`` refuses
+    an item locally before any request (the reason is dead-lettered without spending the
+    service's quota). ``group_key`` puts items that may share one request together (None: any
+    item goes with any other). ``item_size`` estimates encoded bytes so batches respect the
+    service's body limit.
     """
 
     name: str

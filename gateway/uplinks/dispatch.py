@@ -41,6 +41,7 @@ from gateway.backoff import Backoff
 from gateway.clock import Clock
 from gateway.configbase import UplinkConfigBase, mask_secrets
 from gateway.models import StoredReading
+from gateway.routes import RouteTable
 from gateway.store import Lease, Store
 from gateway.uplinks.base import Failure, Outcome, SendResult, Uplink
 from gateway.uplinks.downsample import Downsampler, Plan
@@ -93,8 +94,8 @@ class UplinkRunner:
         self.requests: dict[str, int] = {o.value: 0 for o in Outcome}
         self._resume_at = 0.0  # monotonic
         self._nudge = asyncio.Event()  # set by resume_now() to wake a backing-off worker
-        routes = {r.series: r for r in getattr(cfg, "routes", [])}
-        self.downsampler = Downsampler(routes, saved.get("windows"))
+        self.downsampler = Downsampler(RouteTable(getattr(cfg, "routes", [])),
+                                       saved.get("windows"))
         #: When the last lease held readings back (open windows): wall ms when the first closes.
         self._hold_until_ms: int | None = None
         #: Plugins whose requests must carry a whole group (one packet per instant) say so.

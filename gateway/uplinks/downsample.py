@@ -26,6 +26,7 @@ from typing import Any
 
 from gateway.configbase import RouteBase
 from gateway.models import StoredReading
+from gateway.routes import RouteTable
 
 MAX_GRACE_MS = 300_000
 
@@ -44,16 +45,36 @@ class Plan:
 class Downsampler:
     """Holds, per series, the start of the last window handed out (persisted by the caller)."""
 
-    def __init__(self, routes: Mapping[str, RouteBase], sent: Mapping[str, int] | None = None):
-        self._width = {
-            s: int(r.min_interval_s * 1000) for s, r in routes.items() if r.min_interval_s > 0
-        }
-        self._mode = {s: r.downsample for s, r in routes.items()}
+    def __init__(self, routes: Mapping[str, RouteBase] | RouteTable[RouteBase],
+                 sent: Mapping[str, int] | None = None):
+        table = routes if isinstance(routes, RouteTable) else RouteTable(routes.values())
+        self._width: dict[str, int] = {}
+        self._mode: dict[str, str] = {}
+        for s, r in table.exact.items():
+            self._learn(s, r)
+        #: Pattern routes with a window: their series are looked up when first seen.
+        self._patterns = table if any(r.min_interval_s > 0 for _, r in table.patterns) else None
+        self._looked_up: set[str] = set()
         self.sent: dict[str, int] = dict(sent or {})
+
+    def _learn(self, series: str, r: RouteBase) -> None:
+        if r.min_interval_s > 0:
+            self._width[series] = int(r.min_interval_s * 1000)
+            self._mode[series] = r.downsample
+
+    def _width_of(self, series: str) -> int | None:
+        w = self._width.get(series)
+        if w is None and self._patterns is not None and series not in self._looked_up:
+            self._looked_up.add(series)
+            r = self._patterns.get(series)
+            if r is not None:
+                self._learn(series, r)
+                w = self._width.get(series)
+        return w
 
     @property
     def active(self) -> bool:
-        return bool(self._width)
+        return bool(self._width) or self._patterns is not None
 
     def plan(
         self, items: Sequence[StoredReading], now_ms: int | None = None, *, cut: bool = False
@@ -66,7 +87,7 @@ class Downsampler:
         windows: dict[tuple[str, int], list[StoredReading]] = {}
         newest: dict[str, int] = {}
         for it in items:
-            w = self._width.get(it.series)
+            w = self._width_of(it.series)
             if w is None:
                 out.send.append(it)
                 continue
@@ -98,7 +119,7 @@ class Downsampler:
 
     def mark_sent(self, item: StoredReading) -> None:
         """An aggregate reached a final outcome (delivered or dead-lettered): its window is done."""
-        w = self._width.get(item.series)
+        w = self._width_of(item.series)
         if w is not None:
             self.sent[item.series] = max(self.sent.get(item.series, item.ts), item.ts)
 

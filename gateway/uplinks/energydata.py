@@ -50,9 +50,10 @@ import asyncio
 import hashlib
 import json
 import math
+import re
 import socket
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -62,6 +63,7 @@ from pydantic import Field, model_validator
 
 from gateway.configbase import NAME_PATTERN, RouteBase, Secret, SecretRef, Strict, UplinkConfigBase
 from gateway.models import StoredReading, Value
+from gateway.routes import WILDCARD, RouteTable, fill, is_pattern, sample, template_problem
 from gateway.uplinks.base import Failure, Outcome, SendResult
 
 if TYPE_CHECKING:
@@ -92,13 +94,40 @@ class EnergydataDataset(Strict):
 
 
 class EnergydataRoute(RouteBase):
-    """``series`` -> a datastream: dataset, topic suffix and (for the batch import) its id."""
+    """``series`` -> a datastream: dataset, topic suffix and (for the batch import) its id.
+
+    A pattern route (``series = "u*.r*"``, gateway/routes.py) is a template for many datastreams:
+    its ``suffix`` names each one with ``{1}``, ``{2}``... (what each ``*`` matched) or
+    ``{series}``, e.g. ``suffix = "unit{1}/reg{2}"``, and must use every capture (or ``{series}``)
+    so that two series never share a topic. Its datastreams go to the batch import by topic, so
+    it takes no ``datastream`` id.
+    """
 
     dataset: str = Field(min_length=1)
-    suffix: str = Field(pattern=SUFFIX_PATTERN, max_length=200)
+    suffix: str = Field(min_length=1, max_length=200)
     #: The datastream id, used as the CSV column header; without it the full topic is used.
     datastream: int | None = Field(default=None, ge=1)
     datatype: Datatype = "double"
+
+    @model_validator(mode="after")
+    def _suffix_shape(self) -> EnergydataRoute:
+        stars = self.series.count(WILDCARD)
+        problem = template_problem(self.suffix, self.series)
+        if problem is not None:
+            raise ValueError(f"suffix {self.suffix!r}: {problem}")
+        if not re.match(SUFFIX_PATTERN, sample(self.suffix, self.series)):
+            raise ValueError(f"suffix {self.suffix!r}: one or more parts of A-Z a-z 0-9 _ . - "
+                             "separated by /")
+        if stars:
+            used = set(re.findall(r"\{(\w+)\}", self.suffix))
+            if "series" not in used and not {str(i) for i in range(1, stars + 1)} <= used:
+                raise ValueError(f"suffix {self.suffix!r} must use {{series}} or every capture "
+                                 f"{{1}}..{{{stars}}} of {self.series!r}, or two series would "
+                                 "share one topic")
+            if self.datastream is not None:
+                raise ValueError("a series pattern covers many datastreams: no datastream id "
+                                 "(its readings are imported by topic)")
+        return self
 
 
 class BackfillConfig(Strict):
@@ -157,6 +186,7 @@ class EnergydataConfig(UplinkConfigBase):
     backoff_max_s: float = Field(default=120.0, gt=0)
 
     route_model = EnergydataRoute
+    route_patterns = True
 
     @model_validator(mode="after")
     def _consistent(self) -> EnergydataConfig:
@@ -173,6 +203,8 @@ class EnergydataConfig(UplinkConfigBase):
             if r.dataset not in by_name:
                 raise ValueError(f"route {r.series!r}: no dataset named {r.dataset!r} "
                                  f"(known: {', '.join(names)})")
+            if is_pattern(r.series):
+                continue  # its topics are known per series (checked against sources at load)
             topic = f"{by_name[r.dataset].prefix}/{r.suffix}"
             if topic in topics:
                 raise ValueError(f"routes {topics[topic]!r} and {r.series!r} both publish to "
@@ -190,6 +222,31 @@ class EnergydataConfig(UplinkConfigBase):
             raise ValueError(f"timeout_s must be at least {need} with this backfill "
                              "(2 x (2 x max_wait_s + 8 x timeout_s) <= 3 x timeout_s)")
         return self
+
+    def series_problems(self, produced: Iterable[str]) -> list[tuple[str, str]]:
+        """Pattern routes: a topic two series would share, or a suffix that is no topic."""
+        if not any(is_pattern(r.series) for r in self.routes):
+            return []
+        table = RouteTable(self.routes)
+        index = {id(r): i for i, r in enumerate(self.routes)}
+        wire = WireTable(table, {d.name: d for d in self.datasets})
+        topics: dict[str, str] = {}
+        out: list[tuple[str, str]] = []
+        for series in sorted(produced):
+            m = table.match(series)
+            if m is None:
+                continue
+            where = f"routes[{index[id(m[0])]}].suffix"
+            prefix, _, suffix, _, problem = wire[series]
+            if problem is not None:
+                out.append((where, problem))
+                continue
+            topic = f"{prefix}/{suffix}"
+            other = topics.setdefault(topic, series)
+            if other != series:
+                out.append((where, f"series {other!r} and {series!r} both publish to topic "
+                                   f"{topic!r}"))
+        return out[:20]
 
     def resolved_port(self) -> int:
         return self.port if self.port is not None else (8883 if self.tls else 1883)
@@ -252,24 +309,62 @@ def _payload(ts: int, value: object) -> bytes:
                       ensure_ascii=False, allow_nan=False).encode()
 
 
-#: series -> (topic prefix, single-value messages?, suffix, datatype): what building a message
-#: needs of a reading's route and dataset, looked up once per reading.
-WireTable = dict[str, tuple[str, bool, str, Datatype]]
+#: What building a message needs of a reading's route and dataset, looked up once per reading:
+#: (topic prefix, single-value messages?, suffix, datatype, problem). ``problem`` is why the
+#: series cannot be published (a pattern's suffix filled with text that is no valid topic part),
+#: else None.
+WireEntry = tuple[str, bool, str, Datatype, str | None]
+
+
+class WireTable(dict[str, WireEntry]):
+    """series -> :data:`WireEntry`: exact routes up front, a pattern's series when first seen.
+
+    Memory stays with the routes as configured: one entry per series actually published, not a
+    route object per series.
+    """
+
+    def __init__(self, routes: RouteTable[EnergydataRoute],
+                 datasets: Mapping[str, EnergydataDataset]) -> None:
+        super().__init__()
+        self._table = routes
+        self._datasets = datasets
+        for series, r in routes.exact.items():
+            self[series] = self._entry(series, r, ())
+
+    def __missing__(self, series: str) -> WireEntry:
+        m = self._table.match(series)
+        if m is None:
+            raise KeyError(series)
+        entry = self[series] = self._entry(series, *m)
+        return entry
+
+    def _entry(self, series: str, r: EnergydataRoute, captures: Sequence[str]) -> WireEntry:
+        ds = self._datasets[r.dataset]
+        suffix = fill(r.suffix, series, captures)
+        problem = None
+        if captures and (len(suffix) > 200 or not re.match(SUFFIX_PATTERN, suffix)):
+            problem = (f"series {series!r} makes topic suffix {suffix!r} from {r.suffix!r}: "
+                       "not alphanumeric parts separated by /")
+        return (ds.prefix, ds.messages == "single", suffix, r.datatype, problem)
+
+    def header(self, series: str) -> str:
+        """The batch import's column header: the datastream id, else the full topic."""
+        datastream = self._table[series].datastream
+        prefix, _, suffix, _, _ = self[series]
+        return str(datastream) if datastream is not None else f"{prefix}/{suffix}"
 
 
 def wire_table(
-    routes: Mapping[str, EnergydataRoute], datasets: Mapping[str, EnergydataDataset]
+    routes: Mapping[str, EnergydataRoute] | RouteTable[EnergydataRoute],
+    datasets: Mapping[str, EnergydataDataset],
 ) -> WireTable:
-    out: WireTable = {}
-    for series, r in routes.items():
-        ds = datasets[r.dataset]
-        out[series] = (ds.prefix, ds.messages == "single", r.suffix, r.datatype)
-    return out
+    table = routes if isinstance(routes, RouteTable) else RouteTable(routes.values())
+    return WireTable(table, datasets)
 
 
 def build_messages(
     batch: Sequence[StoredReading],
-    routes: Mapping[str, EnergydataRoute],
+    routes: Mapping[str, EnergydataRoute] | RouteTable[EnergydataRoute],
     datasets: Mapping[str, EnergydataDataset],
     wire: WireTable | None = None,
 ) -> list[Message]:
@@ -284,7 +379,7 @@ def build_messages(
     groups: dict[tuple[str, int], list[tuple[str, int | float | str, int]]] = {}
     first: dict[tuple[str, int], int] = {}
     for pos, r in enumerate(batch):
-        prefix, single, suffix, datatype = wire[r.series]
+        prefix, single, suffix, datatype, _ = wire[r.series]
         value = r.value
         kind = type(value)
         # Ints go as they are to any numeric datastream, floats to a double one; the rest (bools,
@@ -361,16 +456,19 @@ class EnergydataUplink:
         self.cfg = cfg
         self._token = token
         self._import_token = import_token or token
-        self._routes = {r.series: r for r in cfg.routes}
+        self._routes = RouteTable(cfg.routes)
         self._datasets = {d.name: d for d in cfg.datasets}
-        self._wire = wire_table(self._routes, self._datasets)
-        self._sizes = {r.series: 48 + len(r.suffix) for r in cfg.routes}
+        self._wire = WireTable(self._routes, self._datasets)
         self._publisher: WindowedPublisher | None = None
         self._importer: ImportBatcher | None = None
 
     @property
-    def routes(self) -> Mapping[str, EnergydataRoute]:
+    def routes(self) -> RouteTable[EnergydataRoute]:
         return self._routes
+
+    @property
+    def wire(self) -> WireTable:
+        return self._wire
 
     @property
     def publisher(self) -> WindowedPublisher:
@@ -401,17 +499,20 @@ class EnergydataUplink:
     # -- the plugin contract ---------------------------------------------------------------------
 
     def check(self, item: StoredReading) -> str | None:
+        w = self._wire[item.series]
+        if w[4] is not None:
+            return w[4]
         if type(item.value) is int and item.ts > 0:
             return None  # an int suits every datatype (a string datastream takes its text)
         if item.ts <= 0:
             return f"timestamp {item.ts} is not after 1970"
-        return value_problem(item.value, self._routes[item.series].datatype)
+        return value_problem(item.value, w[3])
 
     def group_key(self, item: StoredReading) -> Hashable:
         return None  # a batch may mix datasets: every message names its own topic
 
     def item_size(self, item: StoredReading) -> int:
-        return self._sizes[item.series]
+        return 48 + len(self._wire[item.series][2])
 
     def split(self, batch: Sequence[StoredReading], now_ms: int | None = None
               ) -> tuple[list[StoredReading], list[StoredReading]]:
@@ -422,8 +523,9 @@ class EnergydataUplink:
         now = int(time.time() * 1000) if now_ms is None else now_ms
         live_before = now - int(bf.live_s * 1000)
         old_before = now - int(bf.older_than_s * 1000)
+        wire = self._wire
         candidates = [r for r in batch
-                      if r.ts < live_before and self._routes[r.series].datatype != "string"]
+                      if r.ts < live_before and wire[r.series][3] != "string"]
         chosen = (candidates if len(candidates) >= bf.larger_than
                   else [r for r in candidates if r.ts < old_before])
         if len(chosen) < bf.min_readings:

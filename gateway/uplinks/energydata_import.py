@@ -46,9 +46,15 @@ import structlog
 
 from gateway.configbase import Secret
 from gateway.models import StoredReading
+from gateway.routes import RouteTable
 from gateway.uplinks import http
 from gateway.uplinks.base import Failure, Outcome, SendResult
-from gateway.uplinks.energydata import EnergydataConfig, EnergydataRoute, wire_value
+from gateway.uplinks.energydata import (
+    EnergydataConfig,
+    EnergydataRoute,
+    WireTable,
+    wire_value,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -166,10 +172,8 @@ class ImportClient:
         self.name = cfg.name
         self._token = token
         self._base = self.cfg.url.rstrip("/")
-        self._routes = {r.series: r for r in cfg.routes}
-        prefixes = {d.name: d.prefix for d in cfg.datasets}
-        self._headers = {r.series: str(r.datastream) if r.datastream is not None
-                         else f"{prefixes[r.dataset]}/{r.suffix}" for r in cfg.routes}
+        self._routes = RouteTable(cfg.routes)
+        self._wire = WireTable(self._routes, {d.name: d for d in cfg.datasets})
         self._client = http.LazyClient(
             self.cfg.timeout_s, verify=self.cfg.verify_tls, ca_file=self.cfg.ca_file
         )
@@ -187,7 +191,9 @@ class ImportClient:
         remaining = list(items)
         rejected: dict[int, str] = {}
         for _ in range(MAX_ROUNDS):
-            f = build_csv(remaining, self._routes, self._headers)
+            series = {r.series for r in remaining}
+            f = build_csv(remaining, {s: self._routes[s] for s in series},
+                          {s: self._wire.header(s) for s in series})
             try:
                 errors = await self._import(f)
             except _Failed as exc:

@@ -396,3 +396,42 @@ async def test_a_refused_connection_sets_the_wait_and_the_runner_takes_it_as_it_
         assert pub.connects == 1  # attempts: the second publish made none
     finally:
         await pub.aclose()
+
+
+async def test_pattern_routes_name_each_datastream_from_its_series(
+    mosquitto: Mosquitto, env: Callable[..., Any]
+) -> None:
+    """One ``u*.r*`` route stands for every unit's registers; an exact route wins over a
+    pattern; a series whose capture makes no valid topic is dead-lettered with the reason; a
+    series no route takes is never sent."""
+    routes = [
+        {"series": "u*.r*", "dataset": "site", "suffix": "unit{1}/reg{2}", "datatype": "integer"},
+        {"series": "u7.r0", "dataset": "site", "suffix": "seven/zero", "datatype": "integer"},
+        {"series": "pump.*", "dataset": "pump", "suffix": "{series}"},
+    ]
+    async with EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}) as front, \
+            Subscriber(mosquitto.port) as sub:
+        h: Harness = await env(front.port, routes=routes)
+        t = now_ms() - 10_000
+        rs = [Reading(f"u{u}.r{r}", t + i * 1000, u * 1000 + r + i)
+              for i in range(3) for u in (1, 7, 12) for r in range(4)]
+        rs += [Reading("pump.power", t, 5.5), Reading("u3.r x", t, 1),
+               Reading("tank.level", t, 2.0)]
+        await h.store.ingest(rs, durable=True)
+        h.start()
+        await h.until(lambda: h.backlog() == 0)
+        await sub.wait_count(3 + 1)
+        got = received_values(sub.got)
+        want = {(f"siteA/unit{r.series[1:].split('.r')[0]}/reg{r.series.split('.r')[1]}",
+                 r.ts, r.value) for r in rs[:36] if r.series != "u7.r0"}
+        want |= {("siteA/seven/zero", r.ts, r.value) for r in rs[:36] if r.series == "u7.r0"}
+        want.add(("siteB/pump.power", t, 5.5))
+        assert len(got) == len(want) and set(got) == want
+        # Three instants, 12 values each: one multi-value message per instant.
+        assert sorted(len(p["value"]) for tp, p in sub.got if tp == "siteA") == [12, 12, 12]
+        dead = await h.store.dead_letters("edk")
+        assert [(d["series"], d["reason"]) for d in dead] == [
+            ("u3.r x", "series 'u3.r x' makes topic suffix 'unit3/reg x' from 'unit{1}/reg{2}': "
+                       "not alphanumeric parts separated by /")]
+        # tank.level matches no route: the store never hands it to this uplink.
+        assert all("tank" not in tp for tp, _ in sub.got)
