@@ -134,6 +134,7 @@ _INSERT = (
     "INSERT OR IGNORE INTO readings (id, series, ts, value, flags, lat, lon, alt) "
     "VALUES (?,?,?,?,?,?,?,?)"
 )
+_INSERT_PLAIN = "INSERT OR IGNORE INTO readings (id, series, ts, value) VALUES (?,?,?,?)"
 
 
 @dataclass(slots=True)
@@ -577,8 +578,9 @@ class Store:
         first = self._max_id + 1
         # Ints, finite floats and strings with no quality flags and no position (nearly every
         # reading) are stored as they are; the rest go through _to_row.
+        # Plain rows bind four columns (flags and position take their defaults).
         rows = [
-            (first + i, sid, r.ts, r.value, 0, None, None, None)
+            (first + i, sid, r.ts, r.value)
             if not r.quality and r.position is None and (
                 (t := type(r.value)) is int or t is str
                 or (t is float and math.isfinite(r.value))  # type: ignore[arg-type]
@@ -586,10 +588,14 @@ class Store:
             else _to_row(first + i, sid, r)
             for i, (sid, r) in enumerate(zip(sids, batch, strict=True))
         ]
+        full = [row for row in rows if len(row) != 4]
         self._commit_started = time.monotonic()
         try:
             async with self._txn() as w:
-                await w.executemany(_INSERT, rows)
+                if full:
+                    await w.executemany(_INSERT, full)
+                    rows = [row for row in rows if len(row) == 4]
+                await w.executemany(_INSERT_PLAIN, rows)
         except sqlite3.DatabaseError as exc:
             if _is_corruption(exc):
                 raise StoreCorrupt(f"{self.path}: {exc}") from exc

@@ -101,11 +101,21 @@ def test_a_duplicate_reading_goes_in_a_second_message_never_a_repeated_key() -> 
 
 
 def test_multi_value_messages_are_capped() -> None:
-    routes = [{"series": f"v{i}", "dataset": "site", "suffix": f"v/{i}"} for i in range(250)]
-    batch = [StoredReading(i + 1, f"v{i}", 5000, float(i)) for i in range(250)]
+    routes = [{"series": f"v{i}", "dataset": "site", "suffix": f"v/{i}"} for i in range(600)]
+    batch = [StoredReading(i + 1, f"v{i}", 5000, float(i)) for i in range(600)]
     out = messages(batch, routes=routes)
     sizes = [len(p["value"]) for _, p in out]  # type: ignore[index]
-    assert sizes == [MULTI_MAX_VALUES, MULTI_MAX_VALUES, 50]
+    assert sizes == [MULTI_MAX_VALUES, MULTI_MAX_VALUES, 100]
+    # In order: the first message holds the first readings.
+    assert list(out[0][1]["value"])[:2] == ["v/0", "v/1"]  # type: ignore[index]
+    # The cap is the uplink's multi_max_values; a last single value goes single-value.
+    up = uplink(routes=routes, multi_max_values=299)
+    got = build_messages(batch, up.routes, {d.name: d for d in up.cfg.datasets},
+                         max_values=up.cfg.multi_max_values)
+    assert [len(m.ids) for m in got] == [299, 299, 2]
+    got = build_messages(batch[:300], up.routes, {d.name: d for d in up.cfg.datasets},
+                         max_values=up.cfg.multi_max_values)
+    assert [m.topic for m in got] == ["my-topic-prefix", "my-topic-prefix/v/299"]
 
 
 @pytest.mark.parametrize(("value", "datatype", "problem"), [

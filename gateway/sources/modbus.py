@@ -366,6 +366,7 @@ class ModbusSource:
             delay = dev.next_due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            before = dev.state, self.stats.state
             try:
                 async with conn.link.lock:
                     readings, lost = await self._poll(conn, dev)
@@ -375,7 +376,11 @@ class ModbusSource:
             if readings:  # answers that arrived before a lost link are still good
                 await emit(readings)
                 self.stats.ok(len(readings))
-            self._update_state()
+            if (dev.state, self.stats.state) != before or before[1] != "ok":
+                # All was well and this device is unchanged: the source's state cannot have
+                # changed (link changes update it where they happen). Spares a scan of every
+                # device after every poll.
+                self._update_state()
             if lost is not None:
                 self._link_lost(conn, lost)
                 await asyncio.sleep(conn.backoff.next())

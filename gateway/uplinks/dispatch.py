@@ -287,15 +287,22 @@ class UplinkRunner:
 
     def _chunks(self, items: Sequence[StoredReading]) -> list[list[StoredReading]]:
         groups: dict[Hashable, list[StoredReading]] = {}
-        for it in items:
-            groups.setdefault(self.uplink.group_key(it), []).append(it)
+        for key, it in zip(map(self.uplink.group_key, items), items, strict=True):
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [it]
+            else:
+                group.append(it)
         out: list[list[StoredReading]] = []
         limit, max_bytes = self.batch_limit, self.cfg.batch_max_bytes
         for group in groups.values():
+            sizes = list(map(self.uplink.item_size, group))
+            if len(group) <= limit and sum(sizes) <= max_bytes:
+                out.append(group)  # the whole group fits one request
+                continue
             cur: list[StoredReading] = []
             size = 0
-            for it in group:
-                n = self.uplink.item_size(it)
+            for it, n in zip(group, sizes, strict=True):
                 if cur and (len(cur) >= limit or size + n > max_bytes):
                     out.append(cur)
                     cur, size = [], 0

@@ -35,8 +35,9 @@ Choices where the document is silent, written down:
   takes the value's text (booleans as ``true``/``false``).
 * **Multi-value** is the default where it applies (two or more readings of one dataset with the
   same timestamp); a message that would carry one value goes in the single-value form. A
-  multi-value message carries at most 100 values and never one suffix twice (a duplicate
-  reading goes in the next message).
+  multi-value message carries at most ``multi_max_values`` values (default 250, about 6 KB:
+  a 125-register logger's poll in one message, far below any packet limit) and never one suffix
+  twice (a duplicate reading goes in the next message).
 * **Client id**: ``client_id`` or, by default, ``fg`` + 20 hex digits of a hash of the machine id
   (``/etc/machine-id``, else the host name) and the uplink name: stable across restarts, unique
   across a fleet (two clients with one id would keep disconnecting each other).
@@ -77,8 +78,8 @@ _PART = r"[A-Za-z0-9_.\-]+"
 PREFIX_PATTERN = rf"^{_PART}$"
 #: "the suffix can be several alphanumeric strings separated by /".
 SUFFIX_PATTERN = rf"^{_PART}(/{_PART})*$"
-#: Most values in one multi-value message (keeps a message far below any packet limit).
-MULTI_MAX_VALUES = 100
+#: Most values in one multi-value message by default (keeps a message far below any packet limit).
+MULTI_MAX_VALUES = 250
 
 Datatype = Literal["double", "integer", "string"]
 
@@ -169,6 +170,8 @@ class EnergydataConfig(UplinkConfigBase):
     keepalive_s: int = Field(default=60, ge=5, le=65535)
     #: Most unacknowledged publishes at once; well under the broker's 1000-message queue.
     window: int = Field(default=100, ge=1, le=1000)
+    #: Most values in one multi-value message.
+    multi_max_values: int = Field(default=MULTI_MAX_VALUES, ge=2, le=5000)
     ack_timeout_s: float = Field(default=30.0, gt=0)
     connect_timeout_s: float = Field(default=15.0, gt=0)
     datasets: list[EnergydataDataset] = Field(min_length=1)
@@ -304,9 +307,20 @@ def value_problem(value: Value | None, datatype: Datatype) -> str | None:
     return None
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _payload(ts: int, value: object) -> bytes:
-    return json.dumps({"timestamp": ts, "value": value}, separators=(",", ":"),
-                      ensure_ascii=False, allow_nan=False).encode()
+    return _JSON.encode({"timestamp": ts, "value": value}).encode()
+
+
+def _group_message(prefix: str, ts: int, suffixes: list[str],
+                   values: list[int | float | str], ids: list[int]) -> Message:
+    """One message of a dataset's readings sharing ``ts`` (distinct suffixes)."""
+    if len(ids) == 1:
+        # One value: the single-value form on the datastream's own topic.
+        return Message(f"{prefix}/{suffixes[0]}", _payload(ts, values[0]), (ids[0],))
+    return Message(prefix, _payload(ts, dict(zip(suffixes, values, strict=True))), tuple(ids))
 
 
 #: What building a message needs of a reading's route and dataset, looked up once per reading:
@@ -367,6 +381,7 @@ def build_messages(
     routes: Mapping[str, EnergydataRoute] | RouteTable[EnergydataRoute],
     datasets: Mapping[str, EnergydataDataset],
     wire: WireTable | None = None,
+    max_values: int = MULTI_MAX_VALUES,
 ) -> list[Message]:
     """The messages for ``batch`` in the order of their first reading (see module docstring).
 
@@ -376,8 +391,12 @@ def build_messages(
     if wire is None:
         wire = wire_table(routes, datasets)
     singles: list[tuple[int, Message]] = []
-    groups: dict[tuple[str, int], list[tuple[str, int | float | str, int]]] = {}
+    # Per (prefix, timestamp): the suffixes, values and ids of its readings, in batch order.
+    groups: dict[tuple[str, int], tuple[list[str], list[int | float | str], list[int]]] = {}
     first: dict[tuple[str, int], int] = {}
+    last: tuple[str, int] | None = None
+    unused: tuple[list[str], list[int | float | str], list[int]] = ([], [], [])
+    add_suffix, add_value, add_id = unused[0].append, unused[1].append, unused[2].append
     for pos, r in enumerate(batch):
         prefix, single, suffix, datatype, _ = wire[r.series]
         value = r.value
@@ -386,36 +405,45 @@ def build_messages(
         # text, floats for integer datastreams, anything for string ones) is converted.
         if not ((kind is int and datatype != "string") or (kind is float and datatype == "double")):
             value = wire_value(value, datatype)
+        ts = r.ts
         if single:
-            singles.append((pos, Message(f"{prefix}/{suffix}", _payload(r.ts, value), (r.id,))))
+            singles.append((pos, Message(f"{prefix}/{suffix}", _payload(ts, value), (r.id,))))
             continue
-        key = (prefix, r.ts)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = []
-            first[key] = pos
-        group.append((suffix, value, r.id))
+        if last is None or ts != last[1] or prefix != last[0]:
+            # A poll's readings come together: the group changes rarely within a batch.
+            last = (prefix, ts)
+            group = groups.get(last)
+            if group is None:
+                group = groups[last] = ([], [], [])
+                first[last] = pos
+            add_suffix, add_value, add_id = group[0].append, group[1].append, group[2].append
+        add_suffix(suffix)
+        add_value(value)
+        add_id(r.id)
     out = singles
-    for key, members in groups.items():
+    for key, (suffixes, values, ids) in groups.items():
         prefix, ts = key
-        pending = members
+        at = first[key]
+        if len(set(suffixes)) == len(suffixes):
+            # No suffix twice (the usual case): consecutive slices of max_values.
+            for lo in range(0, len(ids), max_values):
+                hi = lo + max_values
+                out.append((at, _group_message(prefix, ts, suffixes[lo:hi], values[lo:hi],
+                                               ids[lo:hi])))
+            continue
+        pending = list(zip(suffixes, values, ids, strict=True))
         while pending:
-            values: dict[str, int | float | str] = {}
-            ids: list[int] = []
+            taken: dict[str, int | float | str] = {}
+            taken_ids: list[int] = []
             later: list[tuple[str, int | float | str, int]] = []
             for suffix, value, rid in pending:
-                if suffix in values or len(values) >= MULTI_MAX_VALUES:
+                if suffix in taken or len(taken) >= max_values:
                     later.append((suffix, value, rid))
                     continue
-                values[suffix] = value
-                ids.append(rid)
-            if len(ids) == 1:
-                # One value: the single-value form on the datastream's own topic.
-                (suffix, value), = values.items()
-                msg = Message(f"{prefix}/{suffix}", _payload(ts, value), tuple(ids))
-            else:
-                msg = Message(prefix, _payload(ts, values), tuple(ids))
-            out.append((first[key], msg))
+                taken[suffix] = value
+                taken_ids.append(rid)
+            out.append((at, _group_message(prefix, ts, list(taken), list(taken.values()),
+                                           taken_ids)))
             pending = later
     out.sort(key=lambda pm: pm[0])  # stable: a group's messages keep their order
     return [m for _, m in out]
@@ -550,7 +578,8 @@ class EnergydataUplink:
     async def _publish(self, items: Sequence[StoredReading]) -> SendResult:
         if not items:
             return SendResult()
-        messages = build_messages(items, self._routes, self._datasets, self._wire)
+        messages = build_messages(items, self._routes, self._datasets, self._wire,
+                                  self.cfg.multi_max_values)
         acked, failure = await self.publisher.publish(messages)
         return SendResult(delivered=[i for m in acked for i in m.ids], failure=failure)
 
