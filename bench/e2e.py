@@ -395,6 +395,7 @@ def account(r: Rig, polls: dict[int, int], st: dict[str, Any]) -> dict[str, Any]
         "open_groups": got["open"],
         "errors": st["errors"],
         "_whole": got["whole"],
+        "_lost_polls": lost_polls,  # all of them (the printed "lost_polls" is a sample)
     }
 
 
@@ -515,7 +516,7 @@ async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any
             **acct,
         }
         if durable:
-            lost_durable = sum(1 for u, cs in acct["lost_polls"].items() for c in cs
+            lost_durable = sum(1 for u, cs in acct["_lost_polls"].items() for c in cs
                                if c <= durable.get(u, 0))
             out["lost_polls_that_were_durable"] = lost_durable
         out["exit_code"] = r.gw.stop()
@@ -545,6 +546,7 @@ async def scenario_suite(which: str, args: argparse.Namespace) -> dict[str, Any]
     for v in out.values():
         if isinstance(v, dict):
             v.pop("_whole", None)
+            v.pop("_lost_polls", None)
     return out
 
 
@@ -558,6 +560,7 @@ async def main_async(args: argparse.Namespace) -> None:
     for w in which:
         res = await SCENARIOS[args.scenario](w, args)
         res.pop("_whole", None)
+        res.pop("_lost_polls", None)
         print(json.dumps(res), flush=True)
         results.append(res)
     if args.out:
