@@ -47,7 +47,11 @@ def template_problem(template: str, pattern: str) -> str | None:
     of an exact route takes none.
     """
     stars = pattern.count(WILDCARD)
-    for name in _PLACEHOLDER.findall(template):
+    names = _PLACEHOLDER.findall(template)
+    if names and not stars:
+        return (f"placeholder {{{names[0]}}} in the route of one series (placeholders need "
+                "a * in series)")
+    for name in names:
         if name == "series" or (name.isdigit() and 1 <= int(name) <= stars):
             continue
         known = ", ".join(["{series}", *(f"{{{i}}}" for i in range(1, stars + 1))])

@@ -217,7 +217,8 @@ def edk(tmp_path: Path, series: str, suffix: str, extra: str = "") -> str:
     ("u*.r*", "unit{1}", "must use {series} or every capture {1}..{2} of 'u*.r*'"),
     ("u*.r*", "unit{1}/reg{2", "unbalanced { or }"),
     ("u*.r*", "unit {1}/{2}", "one or more parts of A-Z a-z 0-9 _ . - separated by /"),
-    ("u1.r0", "unit{1}", "unknown placeholder {1} (this route knows {series})"),
+    ("u1.r0", "unit{1}", "placeholder {1} in the route of one series"),
+    ("u1.r0", "{series}", "placeholder {series} in the route of one series"),
 ])
 def test_energydata_pattern_route_templates_are_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, series: str, suffix: str, message: str
