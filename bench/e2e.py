@@ -402,12 +402,23 @@ def account(r: Rig, polls: dict[int, int], st: dict[str, Any]) -> dict[str, Any]
 # -- scenarios ------------------------------------------------------------------------------
 
 
+def commit_override(args: argparse.Namespace) -> dict[str, Any]:
+    """fieldgate's ``[store] commit_interval_ms`` when ``--commit-ms`` is given."""
+    return {"commit_interval_ms": args.commit_ms} if args.commit_ms else {}
+
+
+def start_gateway(r: Rig) -> Sampler:
+    """Start the gateway under test and sample its RSS and CPU from now on."""
+    r.gw.start()
+    sampler = Sampler(r.gw.pids)
+    sampler.start()
+    return sampler
+
+
 async def scenario_run(which: str, args: argparse.Namespace) -> dict[str, Any]:
-    extra = {"commit_interval_ms": args.commit_ms} if args.commit_ms else {}
+    extra = commit_override(args)
     async with rig(which, args, **extra) as r:
-        r.gw.start()
-        sampler = Sampler(r.gw.pids)
-        sampler.start()
+        sampler = start_gateway(r)
         await asyncio.sleep(args.warmup)  # let connections and caches settle before measuring
         r.sub.ask("mark")
         p0, c0, t0 = r.sub.ask("stats")["points"], sampler.cpu(), time.monotonic()
@@ -453,9 +464,7 @@ async def scenario_idle(which: str, args: argparse.Namespace) -> dict[str, Any]:
     args = argparse.Namespace(**{**vars(args), "units": 1})
     extra = {"health": True} if args.health else {}
     async with rig(which, args, **extra) as r:
-        r.gw.start()
-        sampler = Sampler(r.gw.pids)
-        sampler.start()
+        sampler = start_gateway(r)
         await asyncio.sleep(args.seconds)  # idle: one device polled, nothing else happens
         await sampler.stop()
         st = r.sub.ask("stats")
@@ -466,11 +475,9 @@ async def scenario_idle(which: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any]:
-    extra = {"commit_interval_ms": args.commit_ms} if args.commit_ms else {}
+    extra = commit_override(args)
     async with rig(which, args, **extra) as r:
-        r.gw.start()
-        sampler = Sampler(r.gw.pids)
-        sampler.start()
+        sampler = start_gateway(r)
         await asyncio.sleep(args.warmup)
         await r.broker.stop()  # SIGTERM: it saves the subscriber's session; clients just lose it
         down_at = time.time()
@@ -480,10 +487,8 @@ async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any
             r.gw.kill()
             if isinstance(r.gw, Fieldgate):
                 durable = r.gw.durable_counters()
-            r.gw.start()
             await sampler.stop()
-            sampler = Sampler(r.gw.pids)
-            sampler.start()
+            sampler = start_gateway(r)
             await asyncio.sleep(args.down / 2)
         else:
             await asyncio.sleep(args.down)  # the outage
