@@ -9,8 +9,9 @@
 ``fieldgate dead-letters list|replay UPLINK [-c FILE]``   inspect or requeue dead letters
 =================================  ==========================================================
 
-Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error (EX_CONFIG; the systemd
-unit does not restart on it).
+Exit codes: 0 ok, 1 runtime failure, 2 usage, 73 store unusable (held by another fieldgate,
+permissions, read-only disk), 78 configuration error (EX_CONFIG). The systemd unit restarts on
+neither 73 nor 78.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from gateway.config import DEFAULT_CONFIG_PATH, EX_CONFIG, LoadedConfig, load_config
-from gateway.errors import ConfigError, FieldgateError
+from gateway.errors import ConfigError, FieldgateError, StoreUnusable
+
+#: The store cannot be used as it is (another fieldgate holds it, permissions, read-only disk):
+#: EX_CANTCREAT. The systemd unit does not restart on it.
+EX_STORE_UNUSABLE = 73
 
 
 def _config_path(arg: str | None) -> Path:
@@ -48,7 +55,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     loaded = _load(_config_path(args.config))
     logs.setup(loaded.settings.log.level, loaded.settings.log.format)
-    return asyncio.run(Gateway(loaded).run())
+    try:
+        return asyncio.run(Gateway(loaded).run())
+    except StoreUnusable as exc:
+        # Locked by another fieldgate, permissions, a read-only disk: restarting cannot help,
+        # so the unit's RestartPreventExitStatus holds it (no crash loop); the file is untouched.
+        structlog.get_logger("gateway").error(
+            "store_unusable", error=str(exc), action="fix the cause, then start fieldgate again"
+        )
+        return EX_STORE_UNUSABLE
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -154,6 +154,10 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            # SIGHUP's default would end the process at once, unclean. There is no reload
+            # yet (the unit has no ExecReload=): say so and go on.
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         uplink_cfgs = [(i, u) for i, u in enumerate(self.cfg.uplinks) if u.enabled]
         routes = {u.name: u.routed_series() for _, u in uplink_cfgs}
         self.store = store = await Store.open(self.cfg.store, routes)
@@ -185,6 +189,12 @@ class Gateway:
             return await self._supervise_all(store)
         finally:
             await self._close(store)
+
+    def _on_hangup(self) -> None:
+        log.warning(
+            "sighup_ignored",
+            detail="reloading the config is not supported: restart fieldgate to apply changes",
+        )
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("shutdown_requested", signal=sig.name)
@@ -259,12 +269,13 @@ class Gateway:
         assert self.store is not None
         store = self.store
         stamp = self.clock.stamp
+        cfg = self._source_cfgs[source.name]
+        prompt = cfg.commit == "prompt"
 
         async def emit(readings: Sequence[Reading]) -> None:
             # The clock stamps right before the readings join the queue (ids known, in order).
-            await store.ingest(readings, prepare=stamp)
+            await store.ingest(readings, prepare=stamp, prompt=prompt)
 
-        cfg = self._source_cfgs[source.name]
         p = cfg.position
         fixed = Position(p.lat, p.lon, p.alt) if p is not None else None
         if cfg.type == "synthetic":
@@ -379,9 +390,9 @@ class Gateway:
 
     def health(self) -> tuple[bool, list[str]]:
         reasons: list[str] = []
-        if self.store is None or not self.store.writable():
-            err = self.store.last_commit_error if self.store else "not open"
-            reasons.append(f"store not writable: {err}")
+        problem = self.store.healthy() if self.store is not None else "store not open"
+        if problem is not None:
+            reasons.append(problem)
         after = self.cfg.health.stuck_after_s
         for r in self.runners:
             if r.stuck(after):

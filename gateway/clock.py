@@ -39,9 +39,41 @@ What callers may rely on:
 * **Per series, timestamps strictly increase** in the order readings are handed to the store,
   within one run of the process: a timestamp at or before the series' previous one becomes
   previous + 1 ms and is flagged ``CLOCK_REPAIRED`` (after a backward step of a synchronised
-  clock by D, that series is stamped 1 ms apart for up to D: order is kept over accuracy). So a
-  series is never reordered and never has two readings at one instant, whatever the wall clock
-  does; repair keeps this (it moves a boot's unsynchronised readings together).
+  clock by D, that series is stamped 1 ms apart for up to D when D is less than
+  ``max_future_s``: order is kept over accuracy). So a series is never reordered and never has
+  two readings at one instant, whatever the wall clock does, except where the future bound
+  (below) makes the clock forget a series' last timestamp; repair keeps this (it moves a boot's
+  unsynchronised readings together).
+* **Implausible timestamps are rejected** before the frame, the repair or the per-series order
+  touch them: counted per reason (``rejected_timestamps`` in :meth:`Clock.status`, with the last
+  one), never stored, never moving the series' last timestamp; a warning when a series starts
+  being rejected (or for another reason), repeats at debug until it has a reading accepted. A
+  reading carries no mark of who stamped it (a source with its own clock, say a logger's
+  timestamp column, or the gateway's clock at capture): it is judged by where its time falls.
+  While the clock is **synchronised**: ``future`` when more than ``max_future_s`` ahead of the
+  clock, ``past`` when more than ``max_age_days`` behind it. While it is **not**, the system
+  clock is taken to be behind the true time or right (it boots at 1970 or at its last shutdown
+  time and is stepped forward), never ahead, so it cannot judge the future: a reading more than
+  ``max_future_s`` ahead of it cannot have been stamped by it and is a source's own time (a
+  logger's battery clock is often right while the box is at 1970). That reading is kept as it
+  is, **unflagged and not on the boot's frame** (a repair would move a correct time by the
+  clock's error, 56 years from 1970; so a holding uplink sends it at once, with no repair to wait
+  for), unless no clock this software runs with can show it:
+  after 2100-01-01 (``future``: 9999-12-31, 2106 or 2165 wrap-arounds) or before 2020-01-01
+  (``past``: it could never be sent). A reading within ``max_future_s`` of the unsynchronised
+  clock is taken as stamped by it (frame, flag, repair, as above), and ``past`` when more than
+  ``max_age_days`` behind it (with the clock behind the truth, it is older still). So a source's
+  own time, received while unsynchronised and less than ``max_future_s`` ahead of the system
+  clock, is repaired like the gateway's own: at most ``max_future_s`` too late, within the bound.
+* **Per series, timestamps stay within the future bound**: ``max_future_s`` ahead of the
+  synchronised clock; while unsynchronised, as much ahead of the frame (or of the clock, if
+  later) for flagged stamps and 2100-01-01 for a source's own. A bump (above) that would cross
+  it, or a series' last timestamp left beyond it by a backward step of the synchronised clock or
+  by a sync (a source's own time accepted unsynchronised), makes the clock forget that last
+  timestamp: the series restarts from the reading's own time (``series_restarted_total``; a
+  warning). Ordering is given up there, not accuracy: the times before were wrong by more than
+  the bound. So is a frame stamp at or before a source's own time (the repair moves the one and
+  not the other).
 * **Never before 2020 unflagged**: a timestamp before 2020-01-01 is always ``CLOCK_UNSYNCED``, and
   :meth:`Clock.gate` never lets one go to any uplink (it waits for the repair, or is dead-lettered
   when no repair can come).
@@ -64,6 +96,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +115,8 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 TIME_ERROR = 5
 #: 2020-01-01T00:00:00Z in ms: no reading is stamped before it unflagged, none is sent.
 MIN_PLAUSIBLE_MS = 1_577_836_800_000
+#: 2100-01-01T00:00:00Z in ms: while unsynchronised, a source's own time after it is rejected.
+MAX_PLAUSIBLE_MS = 4_102_444_800_000
 #: How long after a step a reading is still checked for having been stamped before it.
 STRAGGLER_MS = 60_000
 #: Slack for comparing times read from two clocks, each rounded to the millisecond.
@@ -91,6 +126,11 @@ META_KEY = "clock"
 
 UNSYNCED = int(Quality.CLOCK_UNSYNCED)
 REPAIRED = int(Quality.CLOCK_REPAIRED)
+
+# What a series' last timestamp was (Clock._last): on the synchronised clock (or a source's own,
+# judged by it), on the boot's frame (flagged: moved by the repair), or a source's own time kept
+# while unsynchronised (not moved by the repair, so never compared with frame stamps).
+CLOCK, FRAME, OWN = 0, 1, 2
 
 _BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
 
@@ -241,8 +281,19 @@ class Clock:
         self.last_step_at: float | None = None
         self.repaired_total = 0
         self.unsynced_pending = 0
-        #: Per series: its last timestamp and whether that one was unsynchronised.
-        self._last: dict[str, tuple[int, bool]] = {}
+        self._future_ms = int(self.cfg.max_future_s * 1000)
+        self._age_ms = int(self.cfg.max_age_days * 86_400_000)
+        #: Readings rejected for an implausible timestamp, per reason; the last one.
+        self.rejected: dict[str, int] = {"future": 0, "past": 0}
+        self.last_rejected: dict[str, Any] | None = None
+        #: Series whose last timestamp was forgotten for lying beyond the future bound.
+        self.series_restarted_total = 0
+        #: Series whose last reading was rejected, and why: repeats are only counted (debug).
+        self._rejecting: dict[str, str] = {}
+        #: Series already warned about restarting: later restarts are only counted.
+        self._restart_warned: set[str] = set()
+        #: Per series: its last timestamp and what it was (CLOCK, FRAME or OWN).
+        self._last: dict[str, tuple[int, int]] = {}
         self._lock = asyncio.Lock()
         self._take_probe(self._probe(), wall, at_start=True)
 
@@ -261,6 +312,8 @@ class Clock:
             self._on_step(Step(self._look_mono, mono, self._offset, offset), wall)
         self._offset = offset
         self._look_mono = mono
+        if stepped and self.synchronized:
+            self._forget_beyond(wall + self._future_ms, "step")
         if probe:
             self._take_probe(self._probe(), wall, stepped=stepped)
         return mono
@@ -298,9 +351,11 @@ class Clock:
         self.synchronized = True
         # The series' last unsynchronised stamps move with the repair, so order holds across it.
         self._last = {
-            s: ((ts + delta, False) if unsynced else (ts, False))
-            for s, (ts, unsynced) in self._last.items()
+            s: ((ts + delta, CLOCK) if kind == FRAME else (ts, CLOCK))
+            for s, (ts, kind) in self._last.items()
         }
+        # A source's own time kept while unsynchronised may lie beyond the bound now judged.
+        self._forget_beyond(self._look_mono + self._offset + self._future_ms, "sync")
         if self._store is not None and self.first_id is not None:
             self._repair = _Repair(self._store.next_id() - 1, delta, self._offset)
         else:
@@ -379,6 +434,8 @@ class Clock:
 
     def stamp(self, readings: Sequence[Reading]) -> list[Reading]:
         """The readings as they are to be stored: flags and timestamps per the module docstring.
+        Readings with an implausible timestamp are left out (counted, see the module docstring),
+        so fewer may come back, the rest in their order.
 
         Called by the store right before the readings join its queue, in that order.
         """
@@ -387,27 +444,103 @@ class Clock:
         if step is not None and mono - step.seen_mono_ms > STRAGGLER_MS:
             step = None
         synced, offset, ref = self.synchronized, self._offset, self._ref
-        last = self._last
+        # Bounds in capture time on the monotonic clock (the reading's time on the clock it was
+        # stamped with, less that clock's offset); then the highest time a bump may reach: the
+        # clock's future bound, unsynchronised the later of the frame's and the clock's (a
+        # series' last stamp from before the clock lost its sync is on the latter).
+        newest, oldest = mono + self._future_ms, mono - self._age_ms
+        top = newest + (offset if synced else max(offset, ref))
+        last, rejecting = self._last, self._rejecting
         out: list[Reading] = []
         for r in readings:
             ts, q = r.ts, r.quality
             taken = offset if step is None else _offset_at_capture(ts, mono, offset, step)
-            if synced:
+            captured = ts - taken
+            if captured > newest:
+                if synced:
+                    self._reject(r, "future", newest + offset, mono + offset)
+                    continue
+                if ts > MAX_PLAUSIBLE_MS:
+                    self._reject(r, "future", MAX_PLAUSIBLE_MS, mono + offset)
+                    continue
+                if ts < MIN_PLAUSIBLE_MS:
+                    self._reject(r, "past", MIN_PLAUSIBLE_MS, mono + offset)
+                    continue
+                kind, hi = OWN, MAX_PLAUSIBLE_MS  # ahead of an unsynchronised clock: kept
+            elif captured < oldest:
+                self._reject(r, "past", oldest + offset, mono + offset)
+                continue
+            elif synced:
+                kind, hi = CLOCK, top
                 if taken != offset:
-                    ts += offset - taken
+                    ts = captured + offset
                     q |= REPAIRED
                 if ts < MIN_PLAUSIBLE_MS:
                     q |= UNSYNCED
+                    kind = FRAME
             else:
-                ts += ref - taken
+                kind, hi = FRAME, top
+                ts = captured + ref
                 q |= UNSYNCED
             prev = last.get(r.series)
             if prev is not None and ts <= prev[0]:
-                ts = prev[0] + 1
-                q |= REPAIRED
-            last[r.series] = (ts, bool(q & UNSYNCED))
+                # A frame stamp is not bumped past a source's own time: the repair moves the
+                # one and not the other, so by the clock's whole error.
+                if prev[0] < hi and not (kind == FRAME and prev[1] == OWN):
+                    ts = prev[0] + 1
+                    q |= REPAIRED
+                else:
+                    self._restarted(r.series, prev[0], hi)
+            last[r.series] = (ts, kind)
+            if rejecting and r.series in rejecting:
+                del rejecting[r.series]  # accepted again: the next rejection is news
             out.append(r if ts == r.ts and q == r.quality else replace(r, ts=ts, quality=q))
         return out
+
+    def _reject(self, r: Reading, reason: str, bound: int, wall: int) -> None:
+        """Count a reading left out for its timestamp (``bound``: the one it is beyond); warn
+        when its series starts being rejected (or for another reason), else log at debug."""
+        n = self.rejected[reason] = self.rejected[reason] + 1
+        ts = iso_ms(r.ts)
+        self.last_rejected = {
+            "series": r.series,
+            "ts": ts,
+            "ts_ms": r.ts,
+            "reason": reason,
+            "at": wall / 1000,
+        }
+        emit = log.debug if self._rejecting.get(r.series) == reason else log.warning
+        self._rejecting[r.series] = reason
+        emit(
+            "clock_timestamp_rejected",
+            series=r.series,
+            reason=reason,
+            ts=ts,
+            bound=iso_ms(bound),
+            synchronized=self.synchronized,
+            rejected_total=n,
+        )
+
+    def _restarted(self, series: str, prev: int, bound: int) -> None:
+        self.series_restarted_total += 1
+        emit = log.debug if series in self._restart_warned else log.warning
+        self._restart_warned.add(series)
+        emit("clock_series_restarted", series=series, last=iso_ms(prev), bound=iso_ms(bound))
+
+    def _forget_beyond(self, bound: int, why: str) -> None:
+        """Forget the series' last timestamps beyond ``bound`` (after a step back or a sync)."""
+        stale = [s for s, (ts, _) in self._last.items() if ts > bound]
+        for s in stale:
+            del self._last[s]
+        if stale:
+            self.series_restarted_total += len(stale)
+            log.warning(
+                "clock_series_restarted",
+                after=why,
+                series=len(stale),
+                example=stale[0],
+                bound=iso_ms(bound),
+            )
 
     # ------------------------------------------------------------------------------------------
     # Sending
@@ -464,7 +597,21 @@ class Clock:
             "steps_total": self.steps_total,
             "unsynced_pending": self.unsynced_pending,
             "repaired_total": self.repaired_total,
+            "rejected_timestamps": dict(self.rejected),
+            "last_rejected_timestamp": self.last_rejected,
+            "series_restarted_total": self.series_restarted_total,
+            "max_future_s": self.cfg.max_future_s,
+            "max_age_days": self.cfg.max_age_days,
         }
+
+
+def iso_ms(ms: int) -> str:
+    """UTC ISO 8601 text of a timestamp in ms (``...Z``), or the number where no date is."""
+    try:
+        dt = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    except OverflowError:
+        return f"{ms} ms since 1970"
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _offset_at_capture(ts: int, mono: int, offset: int, step: Step) -> int:

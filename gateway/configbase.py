@@ -182,6 +182,25 @@ class ClockConfig(Strict):
     step_threshold_s: float = Field(default=2.0, ge=0.05, le=3600)
     #: How often the clock task looks at the clock and the sync state.
     check_interval_s: float = Field(default=1.0, ge=0.01, le=60)
+    #: A timestamp more than this far ahead of the synchronised clock is rejected (counted, never
+    #: stored, never moving its series). 1 day: above any logger drift or time-zone mistake
+    #: (UTC+14 at most), so only broken times (9999, a wrong year or month) are lost, and a bad
+    #: time inside the bound holds its series back by at most this long. While the clock is not
+    #: synchronised it also tells a source's own time from the system clock's (gateway/clock.py).
+    max_future_s: float = Field(default=86_400.0, ge=60, le=3650 * 86_400)
+    #: A timestamp older than this (by the system clock) is rejected. 365 days: a logger replaying
+    #: weeks or months of memory after an outage is kept (well above [store] retention_days'
+    #: default of 30, so the store's retention, not this, decides what old data is kept), a dead
+    #: logger clock (1970, 2000-01-01) is not.
+    max_age_days: float = Field(default=365.0, ge=7, le=36_500)
+
+    @model_validator(mode="after")
+    def _future_above_step(self) -> ClockConfig:
+        # A backward step smaller than step_threshold_s is not seen: the gateway's own stamps
+        # taken just before it are that much ahead of the clock, and must never be rejected.
+        if self.max_future_s <= self.step_threshold_s:
+            raise ValueError("max_future_s must be larger than step_threshold_s")
+        return self
 
 
 class LogConfig(Strict):
@@ -211,6 +230,11 @@ class SourceConfigBase(Strict):
     #: Name of a GPS source whose latest fix is attached to this source's readings (overrides
     #: ``position`` while there is a fix).
     position_from: str | None = None
+    #: When the store commits this source's readings. "grouped": with whatever else arrives
+    #: within ``[store] commit_interval_ms`` (few, large writes: an SD card lasts longer).
+    #: "prompt": at once, for devices that never resend (serial sources default to it): a kill
+    #: then loses only what is still in transit.
+    commit: Literal["prompt", "grouped"] = "grouped"
 
     def series_names(self) -> Iterable[str] | None:
         """The series this source produces, when known from config (None: found at run time)."""

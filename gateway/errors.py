@@ -4,8 +4,11 @@
 
     FieldgateError
      ├── ConfigError            the configuration is wrong; fix the file (exit 78, no restart)
-     ├── StoreError             the local database failed
-     │    └── StoreCorrupt      the database cannot be used and is moved aside
+     ├── StoreError             the local database failed an operation
+     │    ├── StoreUnusable     cannot be used as it is: permissions, read-only disk, held by
+     │    │    │                another process (exit 73, no restart: a person must act)
+     │    │    └── StoreLocked  another fieldgate holds the store's lock
+     │    └── StoreCorrupt      the database is corrupt: moved aside, readable rows salvaged
      ├── TransientError         try again later (network, timeout, service busy)
      └── PermanentError         retrying the same thing cannot help
           └── AuthError         credentials refused; keep data, retry slowly
@@ -34,6 +37,25 @@ class ConfigError(FieldgateError):
 
 class StoreError(FieldgateError):
     """The local store failed an operation."""
+
+
+class StoreUnusable(StoreError):
+    """The store cannot be opened as it is, and waiting will not change that: the message
+    names the path and the cause. The database is left where it is (never moved aside)."""
+
+
+class StoreLocked(StoreUnusable):
+    """Another process holds the store's lock: one store, one writer. ``holder`` is its pid
+    when known."""
+
+    def __init__(self, path: str, holder: int | None) -> None:
+        self.path = path
+        self.holder = holder
+        who = f"pid {holder}" if holder is not None else "another process"
+        super().__init__(
+            f"store {path} is in use by another fieldgate ({who}); one store has one writer: "
+            "stop that one first, or give this one its own [store] path"
+        )
 
 
 class StoreCorrupt(StoreError):

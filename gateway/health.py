@@ -54,6 +54,16 @@ class _Collector(Collector):
         yield _gauge(
             "fieldgate_store_buffered", "Readings waiting for the next commit", store["buffered"]
         )
+        yield _gauge(
+            "fieldgate_store_corrupt",
+            "1 when corruption was found while running (restart to move aside and salvage)",
+            1 if store.get("corrupt") else 0,
+        )
+        yield _counter(
+            "fieldgate_store_rejected",
+            "Readings the store could not keep (a value SQLite cannot bind)",
+            store.get("rejected_total", 0),
+        )
         if store["free_disk_bytes"] is not None:
             yield _gauge(
                 "fieldgate_disk_free_bytes",
@@ -69,6 +79,14 @@ class _Collector(Collector):
         yield _counter(
             "fieldgate_clock_steps", "Steps of the wall clock seen", clock.get("steps_total", 0)
         )
+        rejected_ts = CounterMetricFamily(
+            "fieldgate_clock_rejected_timestamps",
+            "Readings refused for an implausible timestamp, by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(clock.get("rejected_timestamps", {}).items()):
+            rejected_ts.add_metric([reason], n)
+        yield rejected_ts
         yield _gauge(
             "fieldgate_clock_unsynced_pending",
             "Stored readings stamped while the clock was unsynchronised, not yet repaired",

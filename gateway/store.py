@@ -37,7 +37,7 @@ import shutil
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,10 @@ import aiosqlite
 import structlog
 
 from gateway.configbase import StoreConfig
-from gateway.errors import StoreCorrupt, StoreError
+from gateway.errors import StoreCorrupt, StoreError, StoreUnusable
 from gateway.intervals import IntervalSet
+from gateway.lockfile import StoreLock
+from gateway.lockfile import why as _why
 from gateway.models import Position, Quality, Reading, StoredReading, Value
 from gateway.routes import SeriesFilter
 
@@ -58,7 +60,12 @@ SCHEMA_VERSION = 1
 _BOOL_FLAG = 1 << 30
 #: The value was a non-finite float, stored as its text (SQLite would store NaN as NULL).
 _NONFINITE_FLAG = 1 << 29
-_QUALITY_MASK = _NONFINITE_FLAG - 1
+#: The value was an int outside SQLite's signed 64 bits (a uint64 counter at or above 2**63),
+#: stored exactly as its decimal text.
+_BIGINT_FLAG = 1 << 28
+_QUALITY_MASK = _BIGINT_FLAG - 1
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
 #: Gaps separated by at most this many blocked ids are leased with one query (see _spans).
 _MERGE_BLOCKED = 1024
 #: How many separate gaps one lease may visit before it settles for what it found.
@@ -197,18 +204,29 @@ def _to_row(rid: int, sid: int, r: Reading) -> tuple[Any, ...]:
     elif isinstance(v, float) and not math.isfinite(v):
         flags |= _NONFINITE_FLAG
         v = repr(v)
+    elif isinstance(v, int) and not _I64_MIN <= v <= _I64_MAX:
+        flags |= _BIGINT_FLAG
+        v = str(v)
     p = r.position
     if p is None:
         return (rid, sid, r.ts, v, flags, None, None, None)
     return (rid, sid, r.ts, v, flags, p.lat, p.lon, p.alt)
 
 
+def _value(value: Any, flags: int) -> Value:
+    """A stored value back as the reading had it (see the flags above)."""
+    if flags & _BOOL_FLAG:
+        return bool(value)
+    if flags & _NONFINITE_FLAG:
+        return float(value)
+    if flags & _BIGINT_FLAG:
+        return int(value)
+    return value  # type: ignore[no-any-return]
+
+
 def _from_row(rid: int, series: str, row: Sequence[Any]) -> StoredReading:
     ts, value, flags, lat, lon, alt = row
-    if flags & _BOOL_FLAG:
-        value = bool(value)
-    elif flags & _NONFINITE_FLAG:
-        value = float(value)
+    value = _value(value, flags)
     pos = Position(lat, lon, alt) if lat is not None and lon is not None else None
     return StoredReading(rid, series, ts, value, pos, flags & _QUALITY_MASK)
 
@@ -220,6 +238,7 @@ class Store:
         self.cfg = cfg
         self.path = Path(cfg.path)
         self._reserve = Path(f"{self.path}.reserve")
+        self._lock = StoreLock(self.path)
         # Per uplink, the series it takes: names and ``*`` patterns (gateway/routes.py).
         self._routes = {name: SeriesFilter(series) for name, series in routes.items()}
         self._w: aiosqlite.Connection | None = None
@@ -245,6 +264,15 @@ class Store:
         self._closed = False
         self.readonly = False
         self.events: list[StoreEvent] = []
+        #: Why the database is corrupt, when found while running (maintenance, a lease or a
+        #: commit hit a malformed page): /health is 503 until a restart moves it aside.
+        self.corrupt: str | None = None
+        #: Readings the store could not keep (a value SQLite cannot bind), by reason.
+        self.rejected_total = 0
+        self.rejected_reasons: Counter[str] = Counter()
+        self._rejected_series: set[str] = set()
+        #: What the last move-aside could copy into the fresh database.
+        self.salvaged: Salvage | None = None
         self.captured_total = 0
         self.evicted_total = 0
         self.commits_total = 0
@@ -272,19 +300,34 @@ class Store:
         return store
 
     async def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.readonly:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnusable(_why(self.path.parent, exc)) from exc
+            # One store, one writer: a second daemon on this file stops here, before touching it.
+            self._lock.acquire()
+        try:
+            await self._open_locked()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    async def _open_locked(self) -> None:
+        if not self.readonly:
+            # Raises StoreError (not a move) when the file is only locked, unreadable by
+            # permission or on a read-only disk: only corruption moves a database aside.
             problem = await asyncio.to_thread(_preflight, self.path)
             if problem is not None:
-                self._move_aside(problem)
+                await self._move_aside_and_salvage(problem)
         try:
             await self._connect()
             await self._load()
         except sqlite3.DatabaseError as exc:
             await self._disconnect()
-            if self.readonly:
-                raise StoreCorrupt(f"{self.path}: {exc}") from exc
             if not _is_corruption(exc):
+                if self.readonly or not _is_disk_full(exc):
+                    raise _open_error(self.path, exc) from exc
                 # A full disk (or an I/O error) is not a broken file: never move the backlog
                 # aside for it. Give back the reserve and try once more, else fail loudly.
                 await asyncio.to_thread(_release_reserve, self._reserve)
@@ -293,13 +336,19 @@ class Store:
                     await self._load()
                 except sqlite3.DatabaseError as again:
                     await self._disconnect()
-                    raise StoreError(f"{self.path}: {again}") from again
+                    raise StoreError(_db_why(self.path, again)) from again
+            elif self.readonly:
+                raise StoreCorrupt(f"{self.path}: {exc}") from exc
             else:
-                self._move_aside(str(exc))
+                await self._move_aside_and_salvage(str(exc))
                 await self._connect()
                 await self._load()
         if not self.readonly:
-            await asyncio.to_thread(_make_reserve, self._reserve, RESERVE_BYTES)
+            try:
+                await asyncio.to_thread(_make_reserve, self._reserve, RESERVE_BYTES)
+            except OSError as exc:
+                await self._disconnect()
+                raise StoreUnusable(_why(self._reserve, exc)) from exc
 
     async def _connect(self) -> None:
         self._w = await aiosqlite.connect(self.path, isolation_level=None)
@@ -318,15 +367,36 @@ class Store:
         await self._r.execute("PRAGMA busy_timeout = 10000")
         await self._r.execute("PRAGMA query_only = 1")
 
-    def _move_aside(self, reason: str) -> None:
+    def _move_aside(self, reason: str) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(f"{self.path}{suffix}")
-            if src.exists():
-                shutil.move(src, Path(f"{target}{suffix}"))
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    shutil.move(src, Path(f"{target}{suffix}"))
+        except OSError as exc:
+            raise StoreUnusable(
+                f"{self.path} is corrupt ({reason}) and cannot be moved aside: "
+                f"{_why(target, exc)}"
+            ) from exc
         log.error("store_moved_aside", path=str(self.path), moved_to=str(target), reason=reason)
         self.events.append(StoreEvent(time.time(), "moved_aside", f"{target}: {reason}"))
+        return target
+
+    async def _move_aside_and_salvage(self, reason: str) -> None:
+        aside = self._move_aside(reason)
+        try:
+            got = await asyncio.to_thread(_salvage, aside, self.path, list(self._routes))
+        except (sqlite3.Error, OSError) as exc:
+            # A fresh store is better than none; the file aside keeps what could not be copied.
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            got = Salvage(notes=[f"salvage failed: {type(exc).__name__}: {exc}"])
+        log.error("store_salvaged", moved_to=str(aside), readings=got.readings,
+                  unreadable_ids=got.lost_count, rows=got.rows, notes=got.notes)
+        self.events.append(StoreEvent(time.time(), "salvaged", f"{aside}: {got.summary()}"))
+        self.salvaged = got
 
     async def _load(self) -> None:
         r = self._read
@@ -383,10 +453,19 @@ class Store:
             if not self.readonly and self._w is not None:
                 while self._buffer:
                     await self._commit_buffer()
-                async with self._wlock:
-                    await self._w.execute("UPDATE meta SET value = 1 WHERE key = 'clean'")
+                if self.corrupt is None:  # a corrupt file must get its check at the next start
+                    async with self._wlock:
+                        await self._w.execute("UPDATE meta SET value = 1 WHERE key = 'clean'")
         finally:
             await self._disconnect()
+            self._lock.release()
+
+    async def abandon(self) -> None:
+        """Close without committing or marking a clean shutdown, as a power cut would leave
+        the file (tests and the soak harness)."""
+        self._closed = True
+        await self._disconnect()
+        self._lock.release()
 
     async def _disconnect(self) -> None:
         for conn in (self._w, self._r):
@@ -472,12 +551,16 @@ class Store:
         readings: Sequence[Reading],
         *,
         durable: bool = False,
+        prompt: bool = False,
         prepare: Callable[[Sequence[Reading]], Sequence[Reading]] | None = None,
     ) -> None:
         """Queue readings for the next group commit.
 
         Waits only while the in-memory buffer is full (back-pressure). With ``durable`` it also
-        waits until the commit holding them is done, i.e. until they are captured. ``prepare``
+        waits until the commit holding them is done, i.e. until they are captured. With
+        ``prompt`` the writer commits them now instead of waiting out ``commit_interval_ms`` for
+        more (a serial line logger never resends: its lines should not sit in memory), without
+        the caller waiting for that commit. ``prepare``
         (the clock's stamp) runs after that wait and right before the readings join the queue,
         with no await in between: what it sees of :meth:`next_id` is the id they will get.
         """
@@ -490,6 +573,8 @@ class Store:
             readings = prepare(readings)
         self._buffer.extend(readings)
         self._enqueued_rows += len(readings)
+        if prompt:
+            self._flush_wanted = True
         self._has_data.set()
         if durable:
             await self.flush()
@@ -547,14 +632,36 @@ class Store:
             else:
                 self._has_data.clear()
             if time.monotonic() >= next_maint:
+                pause = 2.0
                 try:
                     await self.maintain()
                 except StoreCorrupt:
                     raise
+                except sqlite3.DatabaseError as exc:
+                    if not _is_corruption(exc):
+                        # A full disk fails the prune too: the writer stays up and tries again.
+                        log.error("store_maintenance_failed", error=f"{type(exc).__name__}: {exc}")
+                    else:
+                        self.mark_corrupt(f"maintenance: {exc}")
+                        pause = 60.0  # commits go on; the prune only fails again
                 except (sqlite3.Error, OSError) as exc:
-                    # A full disk fails the prune too: the writer stays up and tries again.
                     log.error("store_maintenance_failed", error=f"{type(exc).__name__}: {exc}")
-                next_maint = time.monotonic() + 2.0
+                next_maint = time.monotonic() + pause
+
+    def mark_corrupt(self, reason: str) -> None:
+        """Record corruption found while running: shown by /health (503), /status and
+        /metrics. Logged once. Recovery: restart the daemon; the next start finds the file
+        unclean, moves it aside and salvages every row still readable (see :func:`_salvage`)."""
+        if self.corrupt is not None:
+            return
+        self.corrupt = reason
+        log.error(
+            "store_corrupt",
+            path=str(self.path),
+            reason=reason,
+            action="restart fieldgate: it moves the database aside and salvages what is readable",
+        )
+        self.events.append(StoreEvent(time.time(), "corrupt", reason))
 
     async def _commit_buffer(self) -> None:
         """Commit what is buffered now. Readings arriving meanwhile wait for the writer's next
@@ -573,31 +680,24 @@ class Store:
         try:
             sids = [series[r.series] for r in batch]
         except KeyError:  # a series seen for the first time: interned, then looked up again
-            await self._intern({r.series for r in batch})
-            sids = [series[r.series] for r in batch]
+            await self._intern({r.series for r in batch if _encodable(r.series)})
+            sids = [series.get(r.series, 0) for r in batch]
         first = self._max_id + 1
-        # Ints, finite floats and strings with no quality flags and no position (nearly every
-        # reading) are stored as they are; the rest go through _to_row.
-        # Plain rows bind four columns (flags and position take their defaults).
-        rows = [
-            (first + i, sid, r.ts, r.value)
-            if not r.quality and r.position is None and (
-                (t := type(r.value)) is int or t is str
-                or (t is float and math.isfinite(r.value))  # type: ignore[arg-type]
-            )
-            else _to_row(first + i, sid, r)
-            for i, (sid, r) in enumerate(zip(sids, batch, strict=True))
-        ]
-        full = [row for row in rows if len(row) != 4]
+        rows, bad = self._rows(first, sids, batch)
         self._commit_started = time.monotonic()
         try:
-            async with self._txn() as w:
-                if full:
-                    await w.executemany(_INSERT, full)
-                    rows = [row for row in rows if len(row) == 4]
-                await w.executemany(_INSERT_PLAIN, rows)
+            try:
+                await self._insert(rows)
+            except _BIND_ERRORS as exc:
+                if not _is_bind_error(exc):
+                    raise
+                # One reading SQLite cannot take must not cost the batch (nor kill the writer
+                # and, under Restart=on-failure, the daemon forever): find it, keep the rest.
+                rows, more = await self._insert_one_by_one(rows)
+                bad.extend(more)
         except sqlite3.DatabaseError as exc:
             if _is_corruption(exc):
+                self.mark_corrupt(f"commit: {exc}")
                 raise StoreCorrupt(f"{self.path}: {exc}") from exc
             raise
         finally:
@@ -605,11 +705,13 @@ class Store:
         # Committed: these readings are captured.
         del self._buffer[: len(batch)]
         self._max_id = first + len(batch) - 1
-        self.captured_total += len(batch)
+        for i, reason in bad:
+            self._reject(batch[i - first], reason)
+        self.captured_total += len(rows)
         self.commits_total += 1
         self.last_commit_at = time.time()
         self.last_commit_error = None
-        for sid, n in Counter(sids).items():
+        for sid, n in Counter(row[1] for row in rows).items():
             for c in self._uplinks_by_series.get(sid, ()):
                 c.backlog += n
         if len(self._buffer) < self.cfg.buffer_max_rows:
@@ -617,6 +719,110 @@ class Store:
         async with self._committed:
             self._committed_rows += len(batch)
             self._committed.notify_all()
+
+    @staticmethod
+    def _rows(
+        first: int, sids: Sequence[int], batch: Sequence[Reading]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]]]:
+        """Rows to insert, and ``(id, reason)`` of readings that cannot be stored."""
+        # Ints, finite floats and strings with no quality flags and no position (nearly every
+        # reading) are stored as they are; the rest go through _to_row.
+        # Plain rows bind four columns (flags and position take their defaults).
+        rows: list[tuple[Any, ...]] = []
+        bad: list[tuple[int, str]] = []
+        for i, (sid, r) in enumerate(zip(sids, batch, strict=True)):
+            rid = first + i
+            v = r.value
+            t = type(v)
+            if sid == 0:
+                bad.append((rid, "series name is not valid text"))
+            elif not r.quality and r.position is None and (
+                (t is int and _I64_MIN <= v <= _I64_MAX)  # type: ignore[operator]
+                or t is str
+                or (t is float and math.isfinite(v))  # type: ignore[arg-type]
+            ):
+                rows.append((rid, sid, r.ts, v))
+            else:
+                try:
+                    rows.append(_to_row(rid, sid, r))
+                except (TypeError, ValueError, AttributeError) as exc:
+                    bad.append((rid, f"cannot be stored: {type(exc).__name__}: {exc}"))
+        return rows, bad
+
+    async def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` in one transaction. Every row must land: a row that was already
+        there is accepted only as this writer's own earlier commit (a COMMIT that went through
+        while its caller was cancelled); anything else is an id collision and fails loudly."""
+        full = [row for row in rows if len(row) != 4]
+        plain = [row for row in rows if len(row) == 4] if full else rows
+        async with self._txn() as w:
+            inserted = 0
+            if full:
+                inserted += (await w.executemany(_INSERT, full)).rowcount
+            inserted += (await w.executemany(_INSERT_PLAIN, plain)).rowcount
+            if inserted != len(rows):
+                await self._check_recommit(w, rows)
+
+    async def _check_recommit(self, w: aiosqlite.Connection, rows: list[tuple[Any, ...]]) -> None:
+        lo, hi = rows[0][0], rows[-1][0]
+        have = {
+            rid: (sid, ts)
+            for rid, sid, ts in await w.execute_fetchall(
+                "SELECT id, series, ts FROM readings WHERE id BETWEEN ? AND ?", (lo, hi)
+            )
+        }
+        clash = [row[0] for row in rows if have.get(row[0]) != (row[1], row[2])]
+        if clash:
+            raise StoreError(
+                f"{self.path}: reading ids {clash[0]}..{clash[-1]} ({len(clash)}) already hold "
+                "other readings: something else writes to this store; nothing was committed"
+            )
+
+    async def _insert_one_by_one(
+        self, rows: list[tuple[Any, ...]]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]]]:
+        """The slow path after a batch failed to bind: each row alone, in one transaction."""
+        kept: list[tuple[Any, ...]] = []
+        bad: list[tuple[int, str]] = []
+        async with self._txn() as w:
+            for row in rows:
+                try:
+                    await w.execute(_INSERT if len(row) != 4 else _INSERT_PLAIN, row)
+                except _BIND_ERRORS as exc:
+                    if not _is_bind_error(exc):
+                        raise
+                    bad.append((row[0], f"cannot be stored: {type(exc).__name__}: {exc}"))
+                else:
+                    kept.append(row)
+        return kept, bad
+
+    def _reject(self, r: Reading, reason: str) -> None:
+        """Count a reading the store cannot keep, with its reason (status, metrics, log)."""
+        self.rejected_total += 1
+        self.rejected_reasons[reason.split(":", 1)[0]] += 1
+        first = r.series not in self._rejected_series
+        if first:
+            self._rejected_series.add(r.series)
+            log.error(
+                "reading_rejected",
+                series=r.series,
+                ts=r.ts,
+                value=repr(r.value)[:80],
+                reason=reason,
+                note="logged once per series; counted in status",
+            )
+            self.events.append(
+                StoreEvent(time.time(), "rejected", f"{r.series!r} @ {r.ts}: {reason}")
+            )
+            del self.events[:-50]
+
+    def healthy(self) -> str | None:
+        """Why the store is unhealthy (corrupt, or not taking commits), or None."""
+        if self.corrupt is not None:
+            return f"store corrupt: {self.corrupt}"
+        if not self.writable():
+            return f"store not writable: {self.last_commit_error}"
+        return None
 
     def writable(self, stall_s: float = 30.0) -> bool:
         """False when the last commit failed or one has been running for ``stall_s``."""
@@ -644,7 +850,12 @@ class Store:
         """
         c = self._cursors[uplink]
         async with c.lock:
-            return await self._lease(c, max_items, live_first)
+            try:
+                return await self._lease(c, max_items, live_first)
+            except sqlite3.DatabaseError as exc:
+                if _is_corruption(exc):
+                    self.mark_corrupt(f"lease for {uplink}: {exc}")
+                raise
 
     async def _lease(self, c: _Cursor, max_items: int, live_first: bool) -> Lease | None:
         items: list[StoredReading] = []
@@ -1109,7 +1320,7 @@ class Store:
                 "id": i,
                 "series": s,
                 "ts": ts,
-                "value": bool(v) if f & _BOOL_FLAG else float(v) if f & _NONFINITE_FLAG else v,
+                "value": _value(v, f),
                 "reason": reason,
                 "at": at,
             }
@@ -1169,12 +1380,47 @@ class Store:
             "commits_total": self.commits_total,
             "last_commit_at": self.last_commit_at,
             "last_commit_error": self.last_commit_error,
+            "corrupt": self.corrupt,
+            "rejected_total": self.rejected_total,
+            "rejected_reasons": dict(self.rejected_reasons),
+            "salvaged": None if self.salvaged is None else {
+                "readings": self.salvaged.readings,
+                "unreadable_ids": self.salvaged.lost_count,
+                "summary": self.salvaged.summary(),
+            },
             "events": [{"at": e.at, "kind": e.kind, "detail": e.detail} for e in self.events[-10:]],
         }
 
     @property
     def uplink_names(self) -> list[str]:
         return list(self._cursors)
+
+
+#: Errors raised while binding one row's values (not the database's): that row is rejected.
+_BIND_ERRORS = (
+    OverflowError,
+    UnicodeError,
+    ValueError,
+    TypeError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+)
+
+
+def _is_bind_error(exc: BaseException) -> bool:
+    """True for an error about one row's values; False for the connection's (closed, misuse),
+    which must fail the commit and keep the batch buffered, never reject its readings."""
+    if isinstance(exc, sqlite3.ProgrammingError):
+        return "binding parameter" in str(exc)
+    return isinstance(exc, _BIND_ERRORS)
+
+
+def _encodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except (UnicodeError, AttributeError):
+        return False
+    return True
 
 
 def _spans(
@@ -1208,14 +1454,19 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 
 def _make_reserve(path: Path, size: int) -> bool:
-    """Hold ``size`` bytes of disk in ``path`` (allocated, not sparse); False without room."""
+    """Hold ``size`` bytes of disk in ``path`` (allocated, not sparse); False without room.
+    Any other failure (read-only disk, permissions) is raised as it came: its cause is what a
+    person needs to read, not a second error from cleaning up."""
     try:
         with path.open("wb") as f:
             os.posix_fallocate(f.fileno(), 0, size)
         return True
-    except OSError:
-        path.unlink(missing_ok=True)
-        return False
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return False
+        raise
 
 
 def _release_reserve(path: Path) -> bool:
@@ -1232,17 +1483,27 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
 
 
 def _preflight(path: Path) -> str | None:
-    """Why the database at ``path`` cannot be used, or None. Runs in a thread at open.
+    """Why the database at ``path`` must be moved aside (it is corrupt), or None. Runs in a
+    thread at open.
 
-    A full integrity check runs only when the previous run did not shut down cleanly (a power
-    cut or kill), which is when a torn file is possible; otherwise the header and schema are read.
+    A file that is only locked, unreadable by permission or on a read-only disk raises
+    :class:`StoreError` naming the cause instead: it is healthy, and moving it would orphan its
+    backlog. A full integrity check runs only when the previous run did not shut down cleanly
+    (a power cut or kill), which is when a torn file is possible; otherwise the header and
+    schema are read.
     """
     if not path.exists():
         return None
+    for p in (path, Path(f"{path}-wal")):
+        if p.exists() and not os.access(p, os.R_OK | os.W_OK):
+            raise StoreUnusable(_why(p, PermissionError(errno.EACCES, "permission denied")))
+    with contextlib.suppress(OSError):
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            raise StoreUnusable(_why(path, OSError(errno.EROFS, "read-only file system")))
     try:
         conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=10)
     except sqlite3.Error as exc:
-        return f"cannot open: {exc}"
+        raise _open_error(path, exc) from exc
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -1259,6 +1520,215 @@ def _preflight(path: Path) -> str | None:
                 return f"integrity check failed: {result}"
         return None
     except sqlite3.DatabaseError as exc:
-        return str(exc)
+        if _is_corruption(exc):
+            return str(exc)
+        raise _open_error(path, exc) from exc
     finally:
         conn.close()
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    """Why a healthy file cannot be opened: :class:`StoreUnusable` (exit 73, no restart) when a
+    person must act (held by another process, read-only, permissions), else a plain
+    :class:`StoreError` (exit 1: an I/O error may pass, and systemd tries again)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    fixable = code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN,
+                       sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH) or any(
+        word in text for word in ("locked", "readonly", "unable to open")
+    )
+    return (StoreUnusable if fixable else StoreError)(_db_why(path, exc))
+
+
+def _db_why(path: Path, exc: sqlite3.Error) -> str:
+    """SQLite's error as a sentence naming the file and what a person can do about it."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    if code == sqlite3.SQLITE_BUSY or "locked" in text:
+        hint = "another process holds the database (a second fieldgate, or a tool writing to it)"
+    elif code == sqlite3.SQLITE_READONLY or "readonly" in text:
+        hint = "the database or its directory is read-only"
+    elif code == sqlite3.SQLITE_CANTOPEN or "unable to open" in text:
+        hint = "cannot open it: check the directory's and the file's permissions"
+    elif _is_disk_full(exc):
+        hint = "the disk is full"
+    else:
+        hint = "unusable"
+    return f"{path}: {hint} ({text}); the database was left where it is"
+
+
+@dataclass(slots=True)
+class Salvage:
+    """What :func:`_salvage` could copy out of a corrupt file."""
+
+    readings: int = 0
+    lost: IntervalSet = field(default_factory=IntervalSet)
+    rows: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lost_count(self) -> int:
+        return sum(hi - lo + 1 for lo, hi in self.lost)
+
+    def summary(self) -> str:
+        text = f"{self.readings} readings salvaged"
+        if self.lost:
+            ranges = ", ".join(f"{lo}-{hi}" for lo, hi in list(self.lost)[:10])
+            text += f"; {self.lost_count} ids unreadable ({ranges})"
+        return "; ".join([text, *self.notes])
+
+
+#: (table, key column, columns) copied by _salvage; keys are kept, so every uplink's cursor (its
+#: done set of reading ids) stays true for the copied readings.
+_SALVAGE_TABLES = (
+    ("series", "id", "id, name"),
+    ("uplinks", "rowid", "name, done, live_mark, delivered, rejected, evicted, state"),
+    ("meta", "rowid", "key, value"),
+    ("dead_letters", "id", "id, uplink, series, ts, value, flags, lat, lon, alt, reason, at"),
+    ("retry", "id", "id, uplink, series, ts, value, flags, lat, lon, alt"),
+    ("readings", "id", "id, series, ts, value, flags, lat, lon, alt"),
+)
+
+
+def _salvage(src: Path, dst: Path, uplinks: Iterable[str]) -> Salvage:
+    """Copy every row that can still be read from the corrupt database ``src`` (moved aside)
+    into a fresh database at ``dst``, keeping ids. Runs in a thread at open, before the store
+    connects. Unreadable stretches are found by halving the id range until single rows; their
+    ids are reported as lost. An uplink whose cursor row is unreadable starts over from the
+    first salvaged reading: duplicates rather than loss."""
+    out = Salvage()
+    old = _open_damaged(src)
+    if isinstance(old, str):
+        out.notes.append(f"nothing readable: {old}")
+        return out
+    new = sqlite3.connect(dst, isolation_level=None)
+    try:
+        new.execute("PRAGMA journal_mode = WAL")
+        new.executescript(_SCHEMA)
+        new.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        new.execute("BEGIN")
+        for table, key, cols in _SALVAGE_TABLES:
+            marks = ",".join("?" * len(cols.split(",")))
+            insert = f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({marks})"
+            bounds = _key_bounds(old, table, key)
+            if table == "readings":
+                # An end of the table that does not read (a file cut short): look as far as
+                # the ids the cursors knew of.
+                top = _known_top(new)
+                if bounds is None:
+                    bounds = (1, top)
+                elif top is not None and bounds[1] is not None:
+                    bounds = (bounds[0], max(bounds[1], top))
+            if bounds is None or (bounds[0] is None) != (bounds[1] is None):
+                out.notes.append(f"table {table} unreadable")
+                continue
+            lo, hi = bounds
+            copied = 0
+            if lo is not None and hi is not None:
+                select = f"SELECT {cols} FROM {table} WHERE {key} BETWEEN ? AND ?"
+                for rows in _read_ranges(old, select, lo, hi, out.lost if table == "readings"
+                                         else None):
+                    new.executemany(insert, rows)
+                    copied += len(rows)
+            out.rows[table] = copied
+        out.readings = out.rows.get("readings", 0)
+        have = {r[0] for r in new.execute("SELECT name FROM uplinks")}
+        fresh = IntervalSet().to_json()
+        for name in uplinks:
+            if name not in have:
+                new.execute(
+                    "INSERT INTO uplinks (name, done, live_mark) VALUES (?, ?, 0)", (name, fresh)
+                )
+                out.notes.append(f"cursor of uplink {name} unreadable: it resends what is kept")
+        new.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', 0)")
+        new.execute("COMMIT")
+    finally:
+        new.close()
+        old.close()
+    return out
+
+
+def _open_damaged(src: Path) -> sqlite3.Connection | str:
+    """A read-only connection to a damaged database, or why there is none. With its WAL first
+    (committed transactions may live only there); else the main file alone (``immutable``),
+    which reads where a damaged WAL index or a short file stops the normal way. The schema is
+    read leniently (``writable_schema``) so one bad root page does not hide the other tables."""
+    why = ""
+    for uri in (f"file:{src}?mode=ro", f"file:{src}?immutable=1"):
+        conn = sqlite3.connect(uri, uri=True, timeout=10)
+        try:
+            conn.execute("PRAGMA writable_schema = ON")
+            conn.execute("SELECT count(*) FROM series").fetchone()
+            return conn
+        except sqlite3.Error as exc:
+            why = str(exc)
+            conn.close()
+    return why
+
+
+def _key_bounds(
+    conn: sqlite3.Connection, table: str, key: str
+) -> tuple[int | None, int | None] | None:
+    """The lowest and highest key of ``table`` that can be read ((None, None): empty; None:
+    nothing reads). A corrupt page fails ``min()``/``max()`` when they descend through it; a
+    scan from each end reads up to it."""
+    try:
+        lo, hi = conn.execute(f"SELECT min({key}), max({key}) FROM {table}").fetchone()
+        return lo, hi
+    except sqlite3.DatabaseError:
+        pass
+    ends: list[int | None] = []
+    for order in ("ASC", "DESC"):
+        found = None
+        try:
+            for (k,) in conn.execute(f"SELECT {key} FROM {table} ORDER BY {key} {order}"):
+                found = k
+                break
+        except sqlite3.DatabaseError:
+            pass
+        ends.append(found)
+    if ends[0] is not None and ends[1] is None:
+        # The far end does not read (a file cut short): walk forward as far as keys read.
+        last = ends[0]
+        with contextlib.suppress(sqlite3.DatabaseError):
+            while rows := conn.execute(
+                f"SELECT {key} FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT 4096", (last,)
+            ).fetchall():
+                last = rows[-1][0]
+        ends[1] = last
+    if ends[0] is None and ends[1] is None:
+        return None
+    return ends[0] if ends[0] is not None else ends[1], ends[1] if ends[1] is not None else ends[0]
+
+
+def _known_top(conn: sqlite3.Connection) -> int | None:
+    """The highest reading id the salvaged cursors knew of."""
+    top = 0
+    for done, live in conn.execute("SELECT done, live_mark FROM uplinks"):
+        with contextlib.suppress(ValueError, TypeError):
+            top = max(top, live, *(hi for _, hi in IntervalSet.from_json(done)))
+    return top or None
+
+
+def _read_ranges(
+    conn: sqlite3.Connection, select: str, lo: int, hi: int, lost: IntervalSet | None
+) -> Iterator[list[Any]]:
+    """Rows of ``select`` over keys ``lo..hi`` in chunks, halving a range that fails to read
+    down to single keys; keys that cannot be read are added to ``lost``."""
+    todo = [(a, min(a + 4095, hi)) for a in range(lo, hi + 1, 4096)]
+    todo.reverse()
+    while todo:
+        a, b = todo.pop()
+        try:
+            rows = conn.execute(select, (a, b)).fetchall()
+        except sqlite3.DatabaseError:
+            if a == b:
+                if lost is not None:
+                    lost.add(a, a)
+                continue
+            mid = (a + b) // 2
+            todo.append((mid + 1, b))
+            todo.append((a, mid))
+            continue
+        if rows:
+            yield rows

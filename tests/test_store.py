@@ -210,7 +210,8 @@ async def test_garbage_file_is_moved_aside_and_a_fresh_store_runs(cfg: StoreConf
     aside = list(cfg.path.parent.glob("q.db.corrupt-*"))
     assert len(aside) == 1
     assert aside[0].read_bytes().startswith(b"this is not a database")
-    assert [e["kind"] for e in s.stats()["events"]] == ["moved_aside"]
+    assert [e["kind"] for e in s.stats()["events"]] == ["moved_aside", "salvaged"]
+    assert s.stats()["salvaged"]["readings"] == 0
     await s.ingest([Reading("s1", now_ms(), 1)], durable=True)
     assert s.uplink_stats("a")["backlog"] == 1
     await close(s, t)
@@ -221,7 +222,7 @@ async def test_torn_database_after_unclean_stop_is_moved_aside(cfg: StoreConfig)
     await s.ingest([Reading("s1", now_ms() + i, i) for i in range(20_000)], durable=True)
     t.cancel()
     await asyncio.gather(t, return_exceptions=True)
-    await s._disconnect()  # no clean-shutdown mark: as after a power cut
+    await s.abandon()  # no clean-shutdown mark: as after a power cut
     # Tear the file: overwrite pages in the middle with zeros.
     size = cfg.path.stat().st_size
     with cfg.path.open("r+b") as f:
@@ -229,7 +230,17 @@ async def test_torn_database_after_unclean_stop_is_moved_aside(cfg: StoreConfig)
         f.write(b"\0" * 8192)
     s2, t2 = await opened(cfg, {"a": ["s1"]})
     assert any(e["kind"] == "moved_aside" for e in s2.stats()["events"])
-    assert s2.uplink_stats("a")["backlog"] == 0
+    # What is still readable was salvaged with its ids; the torn pages' readings are counted.
+    salvaged = s2.stats()["salvaged"]
+    assert 0 < salvaged["readings"] < 20_000
+    assert salvaged["readings"] + salvaged["unreadable_ids"] >= 20_000
+    assert s2.uplink_stats("a")["backlog"] == salvaged["readings"]
+    got = []
+    while (lease := await s2.lease("a", 5000, live_first=False)) is not None and lease.items:
+        got.extend(lease.items)
+        await s2.complete(lease, [i.id for i in lease.items], {})
+    assert len(got) == salvaged["readings"]
+    assert all(r.value == r.id - 1 for r in got)  # each reading kept its own id and value
     await s2.ingest([Reading("s1", now_ms(), 1)], durable=True)
     await close(s2, t2)
 

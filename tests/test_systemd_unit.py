@@ -7,6 +7,9 @@ import re
 import subprocess
 from pathlib import Path
 
+from gateway.__main__ import EX_STORE_UNUSABLE
+from gateway.config import EX_CONFIG
+
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "fieldgate.service"
 
 
@@ -27,7 +30,10 @@ def test_unit_has_what_the_daemon_relies_on() -> None:
     d = directives()
     assert d["Type"] == ["notify"]
     assert d["Restart"] == ["on-failure"]
-    assert d["RestartPreventExitStatus"] == ["78"]  # gateway.config.EX_CONFIG
+    # gateway.config.EX_CONFIG and gateway.__main__.EX_STORE_UNUSABLE
+    assert d["RestartPreventExitStatus"] == [f"{EX_CONFIG} {EX_STORE_UNUSABLE}"]
+    # No reload: SIGHUP is logged and ignored (tests/integration/test_store_integrity.py).
+    assert "ExecReload" not in d
     assert int(d["WatchdogSec"][0]) >= 10
     assert d["StateDirectory"] == ["fieldgate"] and d["ConfigurationDirectory"] == ["fieldgate"]
     assert d["User"] == ["fieldgate"] and "dialout" in d["SupplementaryGroups"][0]

@@ -15,6 +15,11 @@ Callers may rely on:
 
 Fault injection: garbage bytes, partial and overlong lines, bad NMEA checksums, no-fix
 sentences, silent SDI-12 sensors, corrupted SDI-12 CRCs, and unplug/replug.
+
+What the devices send is transcribed here from the specifications (NMEA 0183 sentences and
+checksum; SDI-12 v1.4 data replies and CRC), not imported from the client in
+``gateway.sources``: a simulator that shares the client's encoder would agree with the client's
+bugs. Only the shared models (:class:`~gateway.models.Position`) are imported.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import tty
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from datetime import time as dt_time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -36,10 +42,106 @@ from typing import Any, Self
 import structlog
 
 from gateway.models import Position
-from gateway.sources.nmea import format_gga, format_rmc, format_sentence
-from gateway.sources.sdi12 import format_data_reply
 
 log = structlog.get_logger(__name__)
+
+
+# -- what the devices send, from the specifications ----------------------------------------------
+
+
+def nmea_sentence(body: str) -> str:
+    """NMEA 0183 framing: ``$``, the body, ``*`` and the checksum as two upper-case hex digits;
+    the checksum is the exclusive OR of every byte between ``$`` and ``*``."""
+    checksum = 0
+    for byte in body.encode("ascii"):
+        checksum ^= byte
+    return f"${body}*{checksum:02X}"
+
+
+def _nmea_angle(value: float, degree_digits: int, positive: str, negative: str) -> tuple[str, str]:
+    """Degrees as NMEA ``(d)ddmm.mmmmmm`` and a hemisphere letter (integer micro-minutes)."""
+    micro_minutes = round(abs(value) * 60_000_000)
+    degrees, rest = divmod(micro_minutes, 60_000_000)
+    minutes, fraction = divmod(rest, 1_000_000)
+    text = f"{degrees:0{degree_digits}d}{minutes:02d}.{fraction:06d}"
+    return text, positive if value >= 0 else negative
+
+
+def _nmea_fields(position: Position | None) -> list[str]:
+    """Latitude, N/S, longitude, E/W: four fields, all empty without a position."""
+    if position is None:
+        return ["", "", "", ""]
+    return [*_nmea_angle(position.lat, 2, "N", "S"), *_nmea_angle(position.lon, 3, "E", "W")]
+
+
+def _nmea_time(t: dt_time | datetime) -> str:
+    return f"{t.hour:02d}{t.minute:02d}{t.second:02d}.{t.microsecond // 10_000:02d}"
+
+
+def nmea_gga(
+    t: dt_time, position: Position | None, *, quality: int = 1, satellites: int = 8,
+    hdop: float = 0.9, talker: str = "GP",
+) -> str:
+    """GGA: time, lat, N/S, lon, E/W, quality, satellites, HDOP, altitude, M, geoid separation,
+    M, age of differential data, reference station (the last two empty)."""
+    alt = "" if position is None or position.alt is None else f"{position.alt:.1f}"
+    fields = [f"{talker}GGA", _nmea_time(t), *_nmea_fields(position), str(quality),
+              f"{satellites:02d}", f"{hdop:.1f}", alt, "M", "0.0", "M", "", ""]
+    return nmea_sentence(",".join(fields))
+
+
+def nmea_rmc(utc: datetime, position: Position | None, *, talker: str = "GP") -> str:
+    """RMC: time, status (A valid, V void), lat, N/S, lon, E/W, speed (knots), course, date
+    ddmmyy, magnetic variation and its E/W (empty), mode (A autonomous, N not valid)."""
+    fix = position is not None
+    date = f"{utc.day:02d}{utc.month:02d}{utc.year % 100:02d}"
+    fields = [f"{talker}RMC", _nmea_time(utc), "A" if fix else "V", *_nmea_fields(position),
+              "0.0", "0.0", date, "", "", "A" if fix else "N"]
+    return nmea_sentence(",".join(fields))
+
+
+def _crc16_arc_table() -> tuple[int, ...]:
+    table = []
+    for index in range(256):
+        reg = index
+        for _ in range(8):
+            reg = (reg >> 1) ^ 0xA001 if reg & 1 else reg >> 1
+        table.append(reg)
+    return tuple(table)
+
+
+_CRC16_ARC = _crc16_arc_table()
+
+
+def sdi12_crc(data: bytes) -> int:
+    """SDI-12 v1.4 section 4.4.12: CRC-16 with the reflected polynomial 0xA001 (x^16 + x^15 +
+    x^2 + 1), initial value 0, over every character of the reply from the address up to the CRC
+    (table-driven, byte at a time)."""
+    crc = 0
+    for byte in data:
+        crc = (crc >> 8) ^ _CRC16_ARC[(crc ^ byte) & 0xFF]
+    return crc
+
+
+def sdi12_crc_chars(crc: int) -> str:
+    """The CRC as three characters, 6 bits each OR 0x40 (0x40 '@' to 0x7F DEL), high bits first."""
+    return chr(0x40 | (crc >> 12)) + chr(0x40 | ((crc >> 6) & 0x3F)) + chr(0x40 | (crc & 0x3F))
+
+
+def sdi12_value(v: float) -> str:
+    """A value as an SDI-12 sensor sends it: always signed, at most 7 digits, 3 decimals when
+    they fit (fewer when they do not)."""
+    for decimals in (3, 2, 1, 0):
+        text = f"{v:+.{decimals}f}"
+        if sum(ch.isdigit() for ch in text) <= 7:
+            return text
+    return f"{v:+.0f}"  # too large for SDI-12: sent anyway, the recorder has to reject it
+
+
+def sdi12_data_reply(address: str, values: list[float], *, crc: bool) -> str:
+    """``a<values>`` or ``a<values><CRC>`` (without the closing CR LF)."""
+    body = address + "".join(sdi12_value(v) for v in values)
+    return body + sdi12_crc_chars(sdi12_crc(body.encode("ascii"))) if crc else body
 
 
 class DeviceUnplugged(Exception):
@@ -253,9 +355,9 @@ class GpsSim(PtyDevice):
         now = now or datetime.now(UTC)
         q = self.quality if self.position is not None else 0
         return [
-            format_gga(now.time(), self.position, quality=q, satellites=self.satellites,
-                       hdop=self.hdop, talker=self.talker),
-            format_rmc(now, self.position if q else None, talker=self.talker),
+            nmea_gga(now.time(), self.position, quality=q, satellites=self.satellites,
+                     hdop=self.hdop, talker=self.talker),
+            nmea_rmc(now, self.position if q else None, talker=self.talker),
         ]
 
     async def send_sentence(self, sentence: str) -> None:
@@ -268,13 +370,13 @@ class GpsSim(PtyDevice):
 
     async def send_bad_checksum(self, position: Position) -> None:
         """A GGA with a valid-looking fix and a wrong checksum."""
-        good = format_gga(datetime.now(UTC).time(), position, talker=self.talker)
+        good = nmea_gga(datetime.now(UTC).time(), position, talker=self.talker)
         wrong = (int(good[-2:], 16) ^ 0x5A) & 0xFF
         await self.send_sentence(f"{good[:-2]}{wrong:02X}")
 
     async def send_other(self) -> None:
         gsa = f"{self.talker}GSA,A,3,04,05,,,,,,,,,,,2.5,1.3,2.1"
-        await self.send_sentence(format_sentence(gsa))
+        await self.send_sentence(nmea_sentence(gsa))
 
     def start_periodic(self, interval_s: float = 1.0) -> None:
         async def loop() -> None:
@@ -350,7 +452,7 @@ class Sdi12BusSim(PtyDevice):
                     for reply in self._answer(m.group(1), m.group(2)):
                         await self.write(reply.encode("ascii") + b"\r\n")
 
-    def _answer(self, addr: str, body: str) -> list[str]:  # noqa: PLR0911 -- one per command
+    def _answer(self, addr: str, body: str) -> list[str]:  # one return per command
         if addr == "?" and body == "":
             return [a for a, s in self.sensors.items() if not s.absent]
         s = self.sensors.get(addr)
@@ -391,7 +493,7 @@ class Sdi12BusSim(PtyDevice):
             return s.address
         per = max(1, s.values_per_reply)
         chunk = s._data[index * per : (index + 1) * per]
-        reply = format_data_reply(s.address, chunk, crc=s._crc)
+        reply = sdi12_data_reply(s.address, chunk, crc=s._crc)
         if s._crc and chunk and s.corrupt_crc > 0:
             s.corrupt_crc -= 1
             reply = reply[:-1] + ("A" if reply[-1] != "A" else "B")

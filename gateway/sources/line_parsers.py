@@ -30,6 +30,7 @@ from gateway.models import Reading, Value, value_problem
 #: Column names that mean "skip this column" in a delimited parser.
 SKIP = frozenset({"", "-", "_"})
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL_BUT_DEL = re.compile(r"[\x00-\x08\x0b-\x1f]")
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _OFFSET = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
@@ -43,15 +44,27 @@ class LineRejected(Exception):
         self.kind = kind
 
 
-def decode_line(raw: bytes, encoding: str = "ascii", *, strip: bool = True) -> str:
-    """Bytes of one framed line to text; control characters (wrong baud, noise) are rejected."""
+def decode_line(
+    raw: bytes, encoding: str = "ascii", *, strip: bool = True, del_in_last: int = 0
+) -> str:
+    """Bytes of one framed line to text; control characters (wrong baud, noise) are rejected.
+
+    ``del_in_last``: DEL (0x7F) is text, not noise, in the last this many characters (after
+    stripping). SDI-12 sends its CRC as three characters ``0x40 | 6 bits``, DEL included; the
+    CRC check, not this decoder, decides whether they are right. Other control characters are
+    rejected everywhere.
+    """
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
         raise LineRejected("decode", f"not {encoding}: {exc.reason} at byte {exc.start}") from None
     if strip:
         text = text.strip()
-    m = _CONTROL.search(text)
+    if del_in_last > 0:
+        cut = max(0, len(text) - del_in_last)
+        m = _CONTROL.search(text, 0, cut) or _CONTROL_BUT_DEL.search(text, cut)
+    else:
+        m = _CONTROL.search(text)
     if m:
         raise LineRejected("garbage", f"control character {m.group()!r} in line")
     return text

@@ -52,6 +52,10 @@ class Sdi12Error(LineRejected):
     """A reply that cannot be used; ``kind`` is ``reply`` (malformed) or ``crc``."""
 
 
+#: Characters of an SDI-12 CRC at the end of a data reply.
+CRC_CHARS = 3
+
+
 def crc16(data: bytes) -> int:
     """SDI-12 CRC: CRC-16/ARC (reflected poly 0xA001, initial 0) over address and values."""
     crc = 0
@@ -98,6 +102,13 @@ def _own(line: str, address: str) -> str:
     if not line.startswith(address):
         raise Sdi12Error("reply", f"reply {line[:20]!r} is not from sensor {address!r}")
     return line[len(address) :]
+
+
+def decode_reply(raw: bytes) -> str:
+    """One framed reply line as text, as the source reads it. The CRC's three characters are
+    ``0x40 | 6 bits`` (0x7F, DEL, included), so DEL is let through there; :func:`parse_data`
+    checks the CRC, and rejects DEL in a reply without one."""
+    return decode_line(raw, del_in_last=CRC_CHARS)
 
 
 def parse_address_reply(line: str) -> str:
@@ -363,7 +374,7 @@ class Sdi12Source:
 
     def _text(self, raw: bytes) -> str | None:
         try:
-            return decode_line(raw)
+            return decode_reply(raw)
         except LineRejected as exc:
             self._faults.rejected(exc.kind, str(exc), line=repr(raw[:60]))
             return None

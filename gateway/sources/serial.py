@@ -75,6 +75,8 @@ class SerialConfigBase(SourceConfigBase):
     #: Reopen backoff: first delay, cap (jittered between half and the full value).
     reconnect_min_s: float = Field(default=1.0, gt=0, le=3600)
     reconnect_max_s: float = Field(default=60.0, gt=0, le=3600)
+    #: A serial device never resends: its readings are committed at once (README "Durability").
+    commit: Literal["prompt", "grouped"] = "prompt"
 
     @field_validator("stopbits")
     @classmethod
@@ -233,7 +235,7 @@ class SerialPort:
         self._waiters: set[asyncio.Future[None]] = set()
 
     def open(self) -> None:
-        import serial as pyserial  # noqa: PLC0415 -- heavy import kept out of config loading
+        import serial as pyserial
 
         cfg = self.cfg
         ser = pyserial.Serial()

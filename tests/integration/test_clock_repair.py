@@ -7,6 +7,7 @@ boot with a wrong clock, the NTP step and the sync happen when the test says, wi
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -324,7 +325,10 @@ unit = "m"
 
 
 async def test_the_gateway_shows_the_clock_holds_and_releases(tmp_path: Path) -> None:
-    t = FakeTime(REAL)
+    # The synthetic source stamps with the real wall clock, the clock service reads the fake
+    # one: they must agree (as the one system clock does in production), or the source's times
+    # are days "ahead" of the clock and judged a source's own (gateway/clock.py).
+    t = FakeTime(time.time_ns() // 1_000_000)
     clock = clock_for(t, "boot-1", check_interval_s=0.05)
     async with QatiumEmulator(token=TOKEN, assets=NETWORK) as emu:
         loaded = load_config_text(GATEWAY_CONFIG.format(tmp=tmp_path, url=emu.url, token=TOKEN))

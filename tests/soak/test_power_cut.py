@@ -128,13 +128,16 @@ def aside_exists(path: str) -> bool:
     return Path(path).exists()
 
 
-def soundness(db: Path) -> tuple[str, int, int]:
-    """(integrity_check, readings, ticks with a partial set of series) after recovery."""
+def soundness(db: Path, *, salvaged: bool = False) -> tuple[str, int, int]:
+    """(integrity_check, readings, ticks with a partial set of series) after recovery. Ids
+    run from 1 without a gap, except in a store salvaged from a corrupt file (which keeps the
+    ids of what it could read and none of what it could not)."""
     conn = sqlite3.connect(db)
     try:
         check = conn.execute("PRAGMA integrity_check").fetchone()[0]
         count, lo, hi = conn.execute("SELECT count(*), min(id), max(id) FROM readings").fetchone()
-        assert count == 0 or (lo, hi - lo + 1) == (1, count), "ids not contiguous from 1"
+        if not salvaged:
+            assert count == 0 or (lo, hi - lo + 1) == (1, count), "ids not contiguous from 1"
         torn = conn.execute(
             "SELECT count(*) FROM (SELECT ts FROM readings GROUP BY ts HAVING count(*) != ?)",
             (SERIES,),
@@ -246,7 +249,9 @@ async def _killed_store(tmp_path: Path, daemons: list[Daemon]) -> tuple[Path, Pa
     return config, db
 
 
-async def _runs(config: Path, daemons: list[Daemon]) -> list[dict[str, object]]:
+async def _runs(
+    config: Path, daemons: list[Daemon], *, salvaged: bool = False
+) -> list[dict[str, object]]:
     """Start the gateway on the damaged store, wait until it is ready and has committed new
     readings, stop it; returns its log events."""
     d = Daemon(config)
@@ -256,8 +261,10 @@ async def _runs(config: Path, daemons: list[Daemon]) -> list[dict[str, object]]:
     db = Path(str(config.parent / "fg.db"))
     await _wal_written(Path(f"{db}-wal"), times=2)
     assert await d.terminate() == 0
-    check, count, torn = soundness(db)
-    assert (check, torn) == ("ok", 0)
+    check, count, torn = soundness(db, salvaged=salvaged)
+    assert check == "ok"
+    # A page lost to the damage may have held part of a tick: only a salvaged store may show it.
+    assert salvaged or torn == 0
     assert count > 0
     return d.events
 
@@ -279,7 +286,11 @@ async def test_corrupt_main_file_is_moved_aside_and_the_gateway_runs(
     could not cover): the next start moves it aside, starts a fresh store and captures again."""
     config, db = await _killed_store(tmp_path, daemons)
     damage_main_file(db, damage)
-    events = await _runs(config, daemons)
+    events = await _runs(config, daemons, salvaged=True)
     moved = [e for e in events if e.get("event") == "store_moved_aside"]
     assert moved, "the damaged file was used as it was"
     assert aside_exists(str(moved[0]["moved_to"]))
+    # What still read was carried over (tests/test_store.py checks ids and values one by one):
+    # a page in the middle garbled or the second half cut off leaves a good part readable.
+    (got,) = [e for e in events if e.get("event") == "store_salvaged"]
+    assert isinstance(got["readings"], int) and got["readings"] > 1000
