@@ -386,13 +386,7 @@ class Store:
 
     async def _move_aside_and_salvage(self, reason: str) -> None:
         aside = self._move_aside(reason)
-        try:
-            got = await asyncio.to_thread(_salvage, aside, self.path, list(self._routes))
-        except (sqlite3.Error, OSError) as exc:
-            # A fresh store is better than none; the file aside keeps what could not be copied.
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-            got = Salvage(notes=[f"salvage failed: {type(exc).__name__}: {exc}"])
+        got = await asyncio.to_thread(_salvage, aside, self.path, list(self._routes))
         log.error("store_salvaged", moved_to=str(aside), readings=got.readings,
                   unreadable_ids=got.lost_count, rows=got.rows, notes=got.notes)
         self.events.append(StoreEvent(time.time(), "salvaged", f"{aside}: {got.summary()}"))
@@ -1591,6 +1585,17 @@ _SALVAGE_TABLES = (
 
 
 def _salvage(src: Path, dst: Path, uplinks: Iterable[str]) -> Salvage:
+    """:func:`_salvage_into`, or, when the copy itself fails (a full disk), no partial file: a
+    fresh store is better than none, and the file aside keeps what could not be copied."""
+    try:
+        return _salvage_into(src, dst, uplinks)
+    except (sqlite3.Error, OSError) as exc:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{dst}{suffix}").unlink(missing_ok=True)
+        return Salvage(notes=[f"salvage failed: {type(exc).__name__}: {exc}"])
+
+
+def _salvage_into(src: Path, dst: Path, uplinks: Iterable[str]) -> Salvage:
     """Copy every row that can still be read from the corrupt database ``src`` (moved aside)
     into a fresh database at ``dst``, keeping ids. Runs in a thread at open, before the store
     connects. Unreadable stretches are found by halving the id range until single rows; their

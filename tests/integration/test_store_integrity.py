@@ -318,3 +318,45 @@ async def test_a_modbus_uint64_above_2_63_is_stored_exactly_and_the_writer_lives
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
         await store.aclose()
+
+
+async def test_dead_letters_replay_beside_the_running_daemon(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """``replay`` never takes the daemon's lock: it moves the dead letters to the retry queue
+    in one transaction of its own, and the running daemon picks them up."""
+    db = tmp_path / "fg.db"
+    store = await Store.open(StoreConfig(path=db), {"qatium": ["tank1.level"]})
+    writer = asyncio.create_task(store.run(), name="store:writer")
+    t = int(time.time() * 1000)
+    await store.ingest([Reading("tank1.level", t + i, float(i)) for i in range(5)], durable=True)
+    lease = await store.lease("qatium", 100, live_first=False)
+    assert lease is not None
+    await store.complete(lease, [], {i.id: "invalid unit (test)" for i in lease.items})
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    await store.aclose()
+
+    config = write_config(tmp_path, db)
+    d = Daemon(config, env=ENV)
+    daemons.append(d)
+    await d.start()
+    await d.wait_event("gateway_ready")
+    listed = cli("dead-letters", "list", "qatium", "-c", str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count("invalid unit (test)") == 5
+    replay = cli("dead-letters", "replay", "qatium", "-c", str(config))
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout.startswith("5 dead letters")
+    # The daemon re-reads the queue tables on its maintenance pass: the five are pending again
+    # for it (its service is down, so they stay) and no longer dead letters.
+    async with httpx.AsyncClient(base_url=await d.health_url()) as client, asyncio.timeout(20):
+        while True:
+            up = (await client.get("/status")).json()["uplinks"]["qatium"]
+            if up["dead_letters"] == 0 and up["backlog"] >= 5:
+                break
+            await asyncio.sleep(0.2)  # polling the daemon's own view, as the soak harness does
+    assert await d.terminate() == 0
+    with contextlib.closing(sqlite3.connect(db)) as raw:
+        assert raw.execute("SELECT count(*) FROM retry").fetchone()[0] == 5
+        assert raw.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
