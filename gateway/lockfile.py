@@ -55,24 +55,6 @@ class StoreLock:
         os.close(fd)  # closing drops the flock
 
 
-def holder(store_path: Path) -> int | None:
-    """The pid holding ``store_path``'s lock, or None when nobody does (for the CLI)."""
-    path = Path(f"{store_path}.lock")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return _read_pid(fd) or -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()

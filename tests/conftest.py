@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.integration.daemon import Daemon
+
 
 @pytest.fixture(autouse=True)
 def _trusted_clock(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,3 +44,12 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
     assert not pending, f"test left tasks running: {[t.get_name() for t in pending]}"
+
+
+@pytest.fixture
+async def daemons() -> AsyncIterator[list[Daemon]]:
+    """``fieldgate run`` processes a test started; each is killed, if still running, at its end."""
+    made: list[Daemon] = []
+    yield made
+    for d in made:
+        await d.aclose()

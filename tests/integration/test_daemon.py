@@ -112,14 +112,6 @@ def config(tmp_path: Path, qatium: QatiumEmulator) -> Path:
     return path
 
 
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[Daemon]]:
-    made: list[Daemon] = []
-    yield made
-    for d in made:
-        await d.aclose()
-
-
 def captured(db: Path) -> set[tuple[str, int]]:
     """Every reading in the store (the witness uplink keeps them all there)."""
     with sqlite3.connect(db) as raw:

@@ -49,6 +49,7 @@ SMALL, LARGE = 32 * MiB, 128 * MiB
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 MS_REMOUNT = 32
+MS_RDONLY = 1
 MNT_DETACH = 2
 NOT_ALLOWED = {errno.EPERM, errno.EACCES}
 
@@ -62,6 +63,11 @@ def _mount(target: Path, size: int, flags: int = 0) -> None:
 
 def resize(target: Path, size: int) -> None:
     _mount(target, size, MS_REMOUNT)
+
+
+def make_readonly(target: Path, size: int) -> None:
+    """Remount the tmpfs on ``target`` read-only (EROFS for every write from now on)."""
+    _mount(target, size, MS_REMOUNT | MS_RDONLY)
 
 
 def _unmount(target: Path) -> None:

@@ -9,36 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from gateway.sandbox.serial_sim import Sdi12BusSim, SimSensor, sdi12_data_reply
 from gateway.sources.sdi12 import Sdi12Source
 from tests.integration.test_serial_sources import Collector, running, sdi_cfg, wait_until
 from tests.test_sdi12_crc_del import DEL, values_with_del_in_crc
 
-pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat")
-
 
 @contextlib.asynccontextmanager
 async def socat_relay(device: Path, link: Path) -> AsyncIterator[Path]:
     """A socat pty at ``link`` whose bytes go both ways to the tty ``device``, both raw."""
     proc = subprocess.Popen(  # noqa: ASYNC220 -- asyncio subprocesses start a watcher thread
-        ["socat", f"pty,raw,echo=0,link={link}", f"open:{device},raw,echo=0"],
+        ["socat", "-d", "-d", f"pty,raw,echo=0,link={link}", f"open:{device},raw,echo=0"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
     try:
         async with asyncio.timeout(5):
-            # Another process makes the link: there is nothing to await, so look again briefly.
-            while not link.exists():  # noqa: ASYNC240 -- a stat of a tmp path
-                if proc.poll() is not None:
-                    raise RuntimeError(f"socat exited: {proc.stderr.read()!r}")
-                await asyncio.sleep(0.01)
+            # socat says when both ends are open (its notice log, -d -d): wait for that line.
+            while b"starting data transfer loop" not in (
+                line := await asyncio.to_thread(proc.stderr.readline)
+            ):
+                if not line:
+                    raise RuntimeError(f"socat exited with {proc.wait()}")
         yield link
     finally:
         proc.terminate()

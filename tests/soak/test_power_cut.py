@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -47,14 +46,6 @@ replicas = {series}
   name = "bulk"
   waveform = "random_walk"
 """
-
-
-@pytest.fixture
-async def daemons() -> AsyncIterator[list[Daemon]]:
-    made: list[Daemon] = []
-    yield made
-    for d in made:
-        await d.aclose()
 
 
 def write_config(tmp_path: Path, db: Path) -> Path:
