@@ -23,12 +23,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gateway.config import DEFAULT_CONFIG_PATH, EX_CONFIG, LoadedConfig, load_config
 from gateway.errors import ConfigError, FieldgateError, StoreUnusable
+
+if TYPE_CHECKING:
+    from gateway.sources.modbus import ProbeReport
 
 #: The store cannot be used as it is (another fieldgate holds it, permissions, read-only disk):
 #: EX_CANTCREAT. The systemd unit does not restart on it.
@@ -85,20 +88,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 async def _probe(loaded: LoadedConfig) -> int:
-    """One real read of each device that supports probing; prints a line per device."""
-    failures = 0
+    """One real read of each device that supports probing; prints a line per device.
+
+    A source type supports probing when its module has ``probe_report(cfg, base_dir)``, which
+    returns a ``ProbeReport`` (see gateway/sources/modbus.py): the lines to print and each device
+    that failed. Every failure (a device that cannot be reached, does not answer, answers with
+    an exception or garbage; a probe that raised; a Vanda examination-type table that could not
+    be fetched) is listed on stderr at the end, and makes the exit code 1. Sources with nothing
+    to probe are not failures.
+    """
+    failures: list[str] = []
     for src in loaded.settings.sources:
-        probe = getattr(_source_module(src.type), "probe", None)
+        probe = getattr(_source_module(src.type), "probe_report", None)
         if probe is None:
             print(f"{src.name}: nothing to probe for type {src.type!r}")
             continue
         base = loaded.path.parent if loaded.path else Path.cwd()
         try:
-            for line in await probe(src, base):
-                print(f"{src.name}: {line}")
+            report: ProbeReport = await probe(src, base)
         except FieldgateError as exc:
-            failures += 1
+            failures.append(f"{src.name} (probe failed: {exc})")
             print(f"{src.name}: probe failed: {exc}")
+            continue
+        for line in report.lines:
+            print(f"{src.name}: {line}")
+        failures.extend(f"{src.name}/{f.name} ({f.reason})" for f in report.failures)
     for i, up in enumerate(loaded.settings.uplinks):
         if up.type != "vanda":
             continue
@@ -111,12 +125,15 @@ async def _probe(loaded: LoadedConfig) -> int:
                 loaded.secret(f"uplinks[{i}].client_secret"),
             )
         except FieldgateError as exc:
-            failures += 1
+            failures.append(f"{up.name} (probe failed: {exc})")
             print(f"{up.name}: probe failed: {exc}")
             continue
         for line in lines or ["examination types match the built-in table"]:
             print(f"{up.name}: {line}")
-    return 1 if failures else 0
+    if not failures:
+        return 0
+    print(f"probe: {len(failures)} failed: {', '.join(failures)}", file=sys.stderr)
+    return 1
 
 
 def cmd_check_uplink(args: argparse.Namespace) -> int:

@@ -313,6 +313,16 @@ class UplinkConfigBase(Strict):
     #: At most this many requests in any window of ``rate_limit_period_s`` (0: unlimited).
     rate_limit_requests: int = Field(default=60, ge=0)
     rate_limit_period_s: float = Field(default=60.0, gt=0)
+    #: "even": requests at least ``rate_limit_period_s / rate_limit_requests`` apart, each
+    #: carrying what became pending meanwhile (steady delivery); "burst": only the window, so a
+    #: minute's quota may go in its first seconds and then nothing until the window moves.
+    pacing: Literal["even", "burst"] = "even"
+    #: Routes with ``min_interval_s``: how long a window with no later reading in hand stays
+    #: open after its end by the wall clock and after the series' last capture (None: one
+    #: window, at most 300 s). Shorter sends the last window of a stopped source sooner; a
+    #: reading arriving after its window was sent is dead-lettered, so not shorter than the
+    #: source's poll interval plus its delay.
+    window_grace_s: float | None = Field(default=None, ge=0, le=86_400)
     #: Batches in flight at once.
     concurrency: int = Field(default=1, ge=1, le=64)
     timeout_s: float = Field(default=30.0, gt=0)

@@ -141,6 +141,10 @@ _INSERT = (
     "INSERT OR IGNORE INTO readings (id, series, ts, value, flags, lat, lon, alt) "
     "VALUES (?,?,?,?,?,?,?,?)"
 )
+_INSERT_DEAD = (
+    "INSERT INTO dead_letters (uplink, series, ts, value, flags, lat, lon, alt, reason, at) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
 _INSERT_PLAIN = "INSERT OR IGNORE INTO readings (id, series, ts, value) VALUES (?,?,?,?)"
 
 
@@ -158,6 +162,8 @@ class Lease:
     #: :meth:`Store.release_holds` calls before this lease was taken: a hold asked for on a lease
     #: older than the last release is not kept (its readings may already be repaired).
     hold_epoch: int = 0
+    #: Ids already recorded by :meth:`Store.settle` (done before the lease completes).
+    settled: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -280,6 +286,11 @@ class Store:
         self.last_commit_error: str | None = None
         self._commit_started: float | None = None
         self.bytes_used = 0
+        #: Per series id, when a commit last captured one of its readings (monotonic seconds).
+        #: A series with none since the store opened counts from the opening: its newest window
+        #: may still be filling when the process restarts (gateway/uplinks/downsample.py).
+        self._captured_at: dict[int, float] = {}
+        self._opened_at = time.monotonic()
 
     # ------------------------------------------------------------------------------------------
     # Opening and closing
@@ -705,7 +716,10 @@ class Store:
         self.commits_total += 1
         self.last_commit_at = time.time()
         self.last_commit_error = None
+        now = time.monotonic()
+        captured_at = self._captured_at
         for sid, n in Counter(row[1] for row in rows).items():
+            captured_at[sid] = now
             for c in self._uplinks_by_series.get(sid, ()):
                 c.backlog += n
         if len(self._buffer) < self.cfg.buffer_max_rows:
@@ -815,6 +829,14 @@ class Store:
                 StoreEvent(time.time(), "rejected", f"{r.series!r} @ {r.ts}: {reason}")
             )
             del self.events[:-50]
+
+    def quiet_s(self, series: str) -> float:
+        """Seconds since a reading of ``series`` was last captured (since the store opened when
+        none was). Capture time, not the readings' own timestamps: a logger replaying its memory
+        is not quiet however old its data."""
+        sid = self._series.get(series)
+        at = self._captured_at.get(sid, self._opened_at) if sid is not None else self._opened_at
+        return time.monotonic() - at
 
     def healthy(self) -> str | None:
         """Why the store is unhealthy (corrupt, or not taking commits), or None."""
@@ -972,17 +994,14 @@ class Store:
         Holding a whole tail, not single ids, keeps the done set one interval per gap.
         """
         c = self._cursors[lease.uplink]
+        settled = lease.settled
+        if settled:
+            delivered = [i for i in delivered if i not in settled]
+            rejected = {i: r for i, r in rejected.items() if i not in settled}
+            unfinished = set(unfinished) - settled
         delivered = list(delivered)
         keep = sorted(set(unfinished))
-        now_ms = int(time.time() * 1000)
-        dead = []
-        if rejected:
-            by_id = {i.id: i for i in lease.items}
-            dead = [
-                (c.name, by_id[i].series, *(_to_row(0, 0, _as_reading(by_id[i]))[2:]), reason,
-                 now_ms)
-                for i, reason in rejected.items()
-            ]
+        dead = self._dead_rows(c, lease, rejected)
         # Replayed dead letters (negative ids) lead a lease when it has any: the common lease
         # has none, and then no id needs looking at here.
         has_retry = bool(lease.items) and lease.items[0].id < 0
@@ -999,32 +1018,79 @@ class Store:
                         new_done.add(cur, k - 1)
                         cur = k + 1
                 new_done.add(cur, hi)
-            positive_done = len(delivered) + len(rejected) - len(retry_done)
-            async with self._txn() as w:
-                if dead:
-                    await w.executemany(
-                        "INSERT INTO dead_letters (uplink, series, ts, value, flags, lat, lon, "
-                        "alt, reason, at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        dead,
-                    )
-                if retry_done:
-                    await w.executemany("DELETE FROM retry WHERE id = ?", retry_done)
-                await w.execute(
-                    "UPDATE uplinks SET done = ?, live_mark = ?, delivered = delivered + ?, "
-                    "rejected = rejected + ? WHERE name = ?",
-                    (new_done.to_json(), c.live_mark, len(delivered), len(rejected), c.name),
-                )
-            c.done = new_done
+            await self._record_outcome(c, new_done, dead=dead, retry_done=retry_done,
+                                       delivered=len(delivered), rejected=len(rejected))
         if hold_from is not None and lease.hold_epoch == self._hold_epoch:
             c.hold_from = hold_from if c.hold_from is None else min(c.hold_from, hold_from)
         for lo, hi in lease.ranges:
             c.leased.remove(lo, hi)
         c.leased_retry.difference_update(i.id for i in lease.items if i.id < 0)
+
+    def _dead_rows(
+        self, c: _Cursor, lease: Lease, rejected: Mapping[int, str]
+    ) -> list[tuple[Any, ...]]:
+        if not rejected:
+            return []
+        now_ms = int(time.time() * 1000)
+        by_id = {i.id: i for i in lease.items}
+        return [
+            (c.name, by_id[i].series, *(_to_row(0, 0, _as_reading(by_id[i]))[2:]), reason, now_ms)
+            for i, reason in rejected.items()
+        ]
+
+    async def settle(
+        self, lease: Lease, delivered: Iterable[int], rejected: Mapping[int, str]
+    ) -> None:
+        """Record part of a lease's outcome now, in one transaction, before the rest is known
+        (a plugin whose send has a fast part and a slow one: gateway/uplinks/base.py
+        ``SettlesEarly``). These ids become done (``rejected`` ones dead-lettered) at once; the
+        lease stays leased, and :meth:`complete` later skips them."""
+        c = self._cursors[lease.uplink]
+        delivered = [i for i in delivered if i not in lease.settled]
+        rejected = {i: r for i, r in rejected.items() if i not in lease.settled}
+        ids = [*delivered, *rejected]
+        if not ids:
+            return
+        dead = self._dead_rows(c, lease, rejected)
+        retry_done = [(-i,) for i in ids if i < 0]
+        async with c.done_lock:
+            new_done = c.done.copy()
+            for i in ids:
+                if i > 0:
+                    new_done.add(i, i)
+            await self._record_outcome(c, new_done, dead=dead, retry_done=retry_done,
+                                       delivered=len(delivered), rejected=len(rejected))
+        lease.settled.update(ids)
+
+    async def _record_outcome(
+        self,
+        c: _Cursor,
+        new_done: IntervalSet,
+        *,
+        dead: list[tuple[Any, ...]],
+        retry_done: list[tuple[int]],
+        delivered: int,
+        rejected: int,
+    ) -> None:
+        """One transaction: dead letters written, replayed rows that are done removed, the
+        uplink's done set and counters saved; then the same in memory. Holds ``c.done_lock``
+        (the caller's)."""
+        async with self._txn() as w:
+            if dead:
+                await w.executemany(_INSERT_DEAD, dead)
+            if retry_done:
+                await w.executemany("DELETE FROM retry WHERE id = ?", retry_done)
+            await w.execute(
+                "UPDATE uplinks SET done = ?, live_mark = ?, delivered = delivered + ?, "
+                "rejected = rejected + ? WHERE name = ?",
+                (new_done.to_json(), c.live_mark, delivered, rejected, c.name),
+            )
+        c.done = new_done
         c.version += 1
-        c.delivered += len(delivered)
-        c.rejected += len(rejected)
-        c.dead_letters += len(rejected)
-        c.backlog = max(0, c.backlog - positive_done)
+        c.delivered += delivered
+        c.rejected += rejected
+        c.dead_letters += rejected
+        c.backlog = max(0, c.backlog - (delivered + rejected - len(retry_done)))
         c.retry_pending = max(0, c.retry_pending - len(retry_done))
 
     def release(self, lease: Lease) -> None:

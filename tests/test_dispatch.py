@@ -200,17 +200,48 @@ def test_history_from_a_previous_run_is_honoured() -> None:
     assert rl.delay() > 0
 
 
+def test_even_pacing_spaces_requests_across_the_window() -> None:
+    clock = FakeClock()
+    rl = RateLimiter(20, 60.0, clock=clock, even=True)
+    assert rl.delay() == 0
+    rl._sent.append(clock.t)  # one request went now
+    assert rl.delay() == pytest.approx(rl.period / 20)  # ~3.15 s, not 0 until the quota is gone
+    burst = RateLimiter(20, 60.0, clock=clock)
+    burst._sent.append(clock.t)
+    assert burst.delay() == 0
+
+
+async def test_a_retry_after_received_while_a_send_is_recorded_holds_that_send() -> None:
+    # Worker A passed the check and is writing its send time; meanwhile worker B's request comes
+    # back 429 with Retry-After. A's request must not leave before the pause is over.
+    rl: RateLimiter
+
+    writes: list[list[float]] = []
+
+    async def persist(sent: list[float]) -> None:
+        if not writes:
+            rl.pause_until(time.time() + 0.3)  # what B's 429 does while A awaits the store
+        writes.append(sent)
+
+    rl = RateLimiter(60, 60.0, persist=persist)
+    await rl.acquire()
+    assert time.time() >= rl._paused_until  # returned only once the pause had elapsed
+    # The send time kept is when the request really left, not the one recorded before the pause.
+    assert len(writes) == 2 and len(rl.history) == 1
+    assert rl.history[0] >= rl._paused_until
+
+
 async def test_rate_limit_history_survives_a_restart(tmp_path: Path) -> None:
     cfg = StoreConfig(path=tmp_path / "q.db")
     s = await Store.open(cfg, {"rule": ["s"]})
     up = RuleUplink()
     r = UplinkRunner(up, UplinkConfigBase(name="rule", rate_limit_requests=3,  # type: ignore[arg-type]
-                                          rate_limit_period_s=3600), s)
+                                          rate_limit_period_s=3600, pacing="burst"), s)
     for _ in range(3):
         await r.limiter.acquire()
     await s.aclose()
     s2 = await Store.open(cfg, {"rule": ["s"]})
     r2 = UplinkRunner(up, UplinkConfigBase(name="rule", rate_limit_requests=3,  # type: ignore[arg-type]
-                                           rate_limit_period_s=3600), s2)
+                                           rate_limit_period_s=3600, pacing="burst"), s2)
     assert r2.limiter.delay() > 3500
     await s2.aclose()

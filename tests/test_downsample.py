@@ -44,7 +44,7 @@ def test_closed_window_becomes_one_aggregate_at_the_window_start(mode: str, expe
     assert (agg.id, agg.ts, agg.value) == (3, t0, expected)
     assert sorted(plan.members[3]) == [1, 2]
     assert plan.held == [4]  # the next window is still open
-    assert plan.hold_until_ms == t0 + 3 * MIN
+    assert plan.recheck_s == (t0 + 3 * MIN - (t0 + MIN + 2)) / 1000  # its end plus a grace
 
 
 def test_window_closes_by_the_clock_without_later_data() -> None:
@@ -53,6 +53,35 @@ def test_window_closes_by_the_clock_without_later_data() -> None:
     assert d.plan([sr(1, t0 + 1, 1.0)], now_ms=t0 + MIN + 10).held == [1]
     plan = d.plan([sr(1, t0 + 1, 1.0)], now_ms=t0 + 2 * MIN)
     assert [a.id for a in plan.send] == [1]
+
+
+def test_a_replayed_window_stays_open_while_its_series_is_being_captured() -> None:
+    # A logger replaying its memory: the window ended hours ago by the wall clock, but the series
+    # was captured a second ago, so more of its readings may be on the way.
+    d = Downsampler(route("mean"))
+    t0 = 1_700_000_040_000
+    now = t0 + 180 * MIN
+    items = [sr(1, t0 + 1_000, 1.0), sr(2, t0 + 30_000, 2.0)]
+    plan = d.plan(items, now_ms=now, quiet_s=lambda s: 1.0)
+    assert plan.send == [] and plan.held == [1, 2]
+    assert plan.recheck_s == 59.0  # closes after a grace of quiet (one window here)
+    # The next window's first reading is in hand: the first window closes with both readings.
+    plan = d.plan([*items, sr(3, t0 + MIN, 7.0)], now_ms=now, quiet_s=lambda s: 0.0)
+    [agg] = plan.send
+    assert (agg.ts, agg.value, plan.held) == (t0, 1.5, [3])
+    # Quiet for the grace: the last window closes too.
+    plan = d.plan([sr(3, t0 + MIN, 7.0)], now_ms=now, quiet_s=lambda s: 60.0)
+    assert [(a.ts, a.value) for a in plan.send] == [(t0 + MIN, 7.0)]
+
+
+def test_a_live_window_stays_open_until_its_end_even_when_the_series_is_quiet() -> None:
+    # An hourly mean of a source polled every 10 minutes: quiet for longer than the grace
+    # (5 min) inside a window that has not ended.
+    d = Downsampler(route("mean", every=3600))
+    t0 = 1_700_000_000_000 - 1_700_000_000_000 % 3_600_000
+    plan = d.plan([sr(1, t0 + 600_000, 1.0)], now_ms=t0 + 1_200_000, quiet_s=lambda s: 600.0)
+    assert plan.held == [1]
+    assert plan.recheck_s == pytest.approx(3600 - 1200 + 300)
 
 
 def test_late_reading_for_a_sent_window_is_dead_lettered() -> None:
@@ -109,13 +138,15 @@ async def test_dispatcher_sends_one_value_per_window_and_accounts_for_all(store:
     now = int(time.time() * 1000)
     t0 = now - now % MIN - 10 * MIN  # ten closed windows ago
     values = [(t0 + k * 6_000, float(k)) for k in range(100)]  # 10 per minute, 10 minutes
-    await store.ingest([Reading("s", ts, v) for ts, v in values], durable=True)
-    while (lease := await store.lease("rule", 1000, live_first=False)) is not None:
-        await r.process(lease)
-        if not lease.items:
-            break
+    # and the first reading of an 11th window, which closes the 10th (captured just now, the
+    # 10th would otherwise wait for a grace of quiet)
+    await store.ingest([Reading("s", ts, v) for ts, v in [*values, (t0 + 10 * MIN, 100.0)]],
+                       durable=True)
+    lease = await store.lease("rule", 1000, live_first=False)
+    assert lease is not None
+    await r.process(lease)
     assert up.received == [float(k) for k in range(9, 100, 10)]  # the max of each window
-    assert store.uplink_stats("rule")["backlog"] == 0
+    assert store.uplink_stats("rule")["backlog"] == 1  # the 11th window is still open
     assert store.uplink_stats("rule")["delivered"] == 100
     # The windows handed out survive a restart (no second value for a window after a crash).
     assert store.uplink_state("rule")["windows"]["s"] == t0 + 9 * MIN
@@ -146,11 +177,15 @@ async def test_backlog_in_small_leases_is_never_late_nor_split(store: Store, win
     now = int(time.time() * 1000)
     t0 = now - now % w - 7 * w  # every window closed, grace included
     n = 5 * w // 6_000
-    await store.ingest([Reading("s", t0 + k * 6_000, float(k)) for k in range(n)], durable=True)
+    # Plus the first reading of a sixth window: it closes the fifth (the data was captured just
+    # now, so without a later reading in hand the fifth would wait for a grace of quiet).
+    await store.ingest([Reading("s", t0 + k * 6_000, float(k)) for k in range(n + 1)],
+                       durable=True)
     await run_until_drained(store, r, n)
     per = w // 6_000
     assert up.received == [sum(range(i * per, (i + 1) * per)) / per for i in range(5)]
     assert await store.dead_letters("rule") == []
+    assert store.uplink_stats("rule")["backlog"] == 1  # the sixth window is still open
 
 
 class GroupUplink(RuleUplink):
@@ -213,7 +248,8 @@ async def test_partial_failure_does_not_make_older_windows_late(store: Store) ->
     r = UplinkRunner(up, cfg, store)  # type: ignore[arg-type]
     now = int(time.time() * 1000)
     t0 = now - now % MIN - 6 * MIN
-    await store.ingest([Reading("s", t0 + k * 10_000, float(k)) for k in range(30)], durable=True)
+    # 5 windows of 6 readings and the first reading of a sixth, which closes the fifth.
+    await store.ingest([Reading("s", t0 + k * 10_000, float(k)) for k in range(31)], durable=True)
     await run_until_drained(store, r, 30)
     assert await store.dead_letters("rule") == []
     assert sorted(up.received) == [float(k) for k in range(5, 30, 6)]

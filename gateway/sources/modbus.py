@@ -87,8 +87,11 @@ __all__ = [
     "ModbusProfile",
     "ModbusSource",
     "ModbusSourceConfig",
+    "ProbeFailure",
+    "ProbeReport",
     "load_profile",
     "probe",
+    "probe_report",
     "resolve_profile_path",
 ]
 
@@ -697,20 +700,42 @@ class ModbusSource:
     # ------------------------------------------------------------------------------------------
     # check-config --probe
 
-    async def _probe_conn(self, conn: _Conn) -> list[str]:
-        lines: list[str] = []
+    async def _probe_conn(self, conn: _Conn) -> ProbeReport:
+        label = conn.link.label
         reason = await conn.link.connect()
         if reason is not None:
-            return [f"  {conn.link.label}: cannot connect: {reason}"]
-        for dev in conn.devices:
-            where = f"{dev.name} (unit {dev.cfg.unit} on {conn.link.label})"
+            why = f"cannot connect to {label}: {reason}"
+            return ProbeReport(
+                (f"  {label}: cannot connect: {reason}",),
+                tuple(ProbeFailure(d.name, why) for d in conn.devices),
+            )
+        lines: list[str] = []
+        failures: list[ProbeFailure] = []
+        for i, dev in enumerate(conn.devices):
+            where = f"{dev.name} (unit {dev.cfg.unit} on {label})"
+            dev.detail["last_error"] = None  # from here on: what this one poll ran into
             async with conn.link.lock:
                 readings, lost = await self._poll(conn, dev, probe=True)
             if lost is not None:
                 lines.append(f"  {where}: connection lost: {lost}")
+                failures.append(ProbeFailure(dev.name, f"connection lost: {lost}"))
+                for rest in conn.devices[i + 1 :]:
+                    lines.append(f"  {rest.name} (unit {rest.cfg.unit} on {label}): not probed")
+                    failures.append(
+                        ProbeFailure(rest.name, f"not probed: connection to {label} lost")
+                    )
                 break
-            answered = dev.state == "ok"
-            status = "answered" if answered else f"no answer: {dev.detail['last_error']}"
+            failure: str | None = dev.detail["last_error"]
+            problems: list[str] = []
+            if dev.state != "ok":
+                status = f"no answer: {failure}"
+                problems.append(failure or "no answer")
+            elif failure is not None:
+                # Answered, yet the poll failed: a malformed reply, a busy or gateway exception.
+                status = f"answered, but {failure}"
+                problems.append(failure)
+            else:
+                status = "answered"
             lines.append(
                 f"  {where}: {status}; {len(dev.fields)} fields in {len(dev.plan)} requests"
             )
@@ -719,16 +744,48 @@ class ModbusSource:
                 if f.failing_code is not None:
                     msg = ReadRefused(f.failing_code).message
                     lines.append(f"    {f.rf.spec.series}: refused ({msg})")
+                    problems.append(f"{f.rf.spec.series} refused ({msg})")
                 elif f.problem is not None:
+                    # The device answered; the value is not one to store (NaN, bad text).
+                    # Reported, not a failed probe: the running gateway counts it the same way.
                     lines.append(f"    {f.rf.spec.series}: rejected ({f.problem})")
-        return lines
+            if problems:
+                failures.append(ProbeFailure(dev.name, "; ".join(problems)))
+        return ProbeReport(tuple(lines), tuple(failures))
 
 
-async def probe(cfg: ModbusSourceConfig, base_dir: Path) -> list[str]:
-    """Read every device of ``cfg`` once; human-readable report lines (for check-config --probe).
+@dataclass(frozen=True, slots=True)
+class ProbeFailure:
+    """A device the probe could not read as configured: ``name`` is the device, ``reason`` why
+    (cannot connect, no answer, an exception or malformed reply, a refused field)."""
 
-    Never raises for device or network faults (they are reported as lines); connections are
-    probed in parallel and closed before returning.
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeReport:
+    """What a probe found: the report ``lines`` for a person, and each device that failed.
+
+    ``failures`` is the verdict (``check-config --probe`` exits non-zero when it is not empty);
+    the lines only describe, and are never parsed.
+    """
+
+    lines: tuple[str, ...]
+    failures: tuple[ProbeFailure, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+async def probe_report(cfg: ModbusSourceConfig, base_dir: Path) -> ProbeReport:
+    """Read every device of ``cfg`` once (for check-config --probe): report lines, and a
+    :class:`ProbeFailure` for each device that could not be read as configured.
+
+    Never raises for device or network faults (they are reported, and listed as failures);
+    connections are probed in parallel and closed before returning. Raises ConfigError when
+    the source cannot be built (an unreadable profile).
     """
     src = ModbusSource(cfg, base_dir)
     ndev = sum(len(c.devices) for c in src._conns)
@@ -742,4 +799,13 @@ async def probe(cfg: ModbusSourceConfig, base_dir: Path) -> list[str]:
     finally:
         with contextlib.suppress(Exception):
             await src.aclose()
-    return [header] + [line for t in tasks for line in t.result()]
+    reports = [t.result() for t in tasks]
+    return ProbeReport(
+        (header, *(line for r in reports for line in r.lines)),
+        tuple(f for r in reports for f in r.failures),
+    )
+
+
+async def probe(cfg: ModbusSourceConfig, base_dir: Path) -> list[str]:
+    """The report lines of :func:`probe_report` alone (which devices failed is not in them)."""
+    return list((await probe_report(cfg, base_dir)).lines)

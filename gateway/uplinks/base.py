@@ -15,7 +15,7 @@ which reports it in ``moved_to`` so the change is logged and shown.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -98,3 +98,20 @@ class Uplink(Protocol):
     async def send(self, batch: Sequence[StoredReading]) -> SendResult: ...
 
     async def aclose(self) -> None: ...
+
+
+#: Records part of a send's outcome at once (see :class:`SettlesEarly`).
+Settle = Callable[[SendResult], Awaitable[None]]
+
+
+@runtime_checkable
+class SettlesEarly(Protocol):
+    """A plugin whose one send runs parts that finish at different times (Energydata: MQTT
+    publishes beside a batch import that may take minutes) reports each part's ``delivered`` and
+    ``rejected`` through ``settle`` as soon as that part is done; the dispatcher records them in
+    the store there and then. A kill while the slow part runs then sends again only what that
+    part held. The returned result still covers the whole batch (ids already settled in it are
+    not counted twice); ``failure`` is only ever taken from the returned result."""
+
+    async def send_settling(self, batch: Sequence[StoredReading], settle: Settle) -> SendResult:
+        ...

@@ -43,7 +43,7 @@ from gateway.configbase import UplinkConfigBase, mask_secrets
 from gateway.models import StoredReading
 from gateway.routes import RouteTable
 from gateway.store import Lease, Store
-from gateway.uplinks.base import Failure, Outcome, SendResult, Uplink
+from gateway.uplinks.base import Failure, Outcome, SendResult, SettlesEarly, Uplink
 from gateway.uplinks.downsample import Downsampler, Plan
 from gateway.uplinks.ratelimit import RateLimiter
 
@@ -82,6 +82,7 @@ class UplinkRunner:
             cfg.rate_limit_period_s,
             history=saved.get("sent", []),
             persist=self._persist_sends,
+            even=cfg.pacing == "even",
         )
         self.backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
         self.batch_limit = cfg.batch_max_items
@@ -95,9 +96,10 @@ class UplinkRunner:
         self._resume_at = 0.0  # monotonic
         self._nudge = asyncio.Event()  # set by resume_now() to wake a backing-off worker
         self.downsampler = Downsampler(RouteTable(getattr(cfg, "routes", [])),
-                                       saved.get("windows"))
-        #: When the last lease held readings back (open windows): wall ms when the first closes.
-        self._hold_until_ms: int | None = None
+                                       saved.get("windows"), grace_s=cfg.window_grace_s)
+        #: When the last lease held readings back (open windows): seconds until the first may
+        #: close without more data.
+        self._recheck_s: float | None = None
         #: Plugins whose requests must carry a whole group (one packet per instant) say so.
         self.whole_groups = bool(getattr(uplink, "whole_groups", False))
         self.live_first = cfg.order == "live_first"
@@ -135,9 +137,15 @@ class UplinkRunner:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self._nudge.wait()
+            # Lease only once a request could go: with paced quotas the request then carries
+            # everything that became pending while waiting for the slot.
+            await self.limiter.ready()
+            # A commit while this lease is handled must not be waited for afterwards.
+            commits = self.store.commits_total
             lease = await self.store.lease(self.name, self._lease_size, live_first=self.live_first)
             if lease is None:
-                await self.store.wait_for_data(timeout=2.0)
+                if self.store.commits_total == commits:
+                    await self.store.wait_for_data(timeout=2.0)
                 continue
             if not lease.items:
                 await self.store.complete(lease, (), {})
@@ -152,10 +160,9 @@ class UplinkRunner:
             elif len(lease.items) - self._clock_held >= self._lease_size:
                 # A full lease that was all one open window (or group): lease more next time.
                 self._lease_size = min(self._lease_size * 4, MAX_LEASE)
-            elif self._hold_until_ms is not None:
+            elif self._recheck_s is not None and self.store.commits_total == commits:
                 # Only open windows pending: wait for them to close or for new data.
-                wait = (self._hold_until_ms - time.time() * 1000) / 1000
-                await self.store.wait_for_data(timeout=min(max(wait, 0.05), 5.0))
+                await self.store.wait_for_data(timeout=min(max(self._recheck_s, 0.05), 5.0))
 
     # ------------------------------------------------------------------------------------------
 
@@ -173,12 +180,12 @@ class UplinkRunner:
             sendable, hold_from, rejected = gate.send, gate.hold_from, gate.rejected
         self._clock_held = len(lease.items) - len(sendable) - len(rejected)
         if self.downsampler.active:
-            plan = self.downsampler.plan(sendable, cut=cut)
+            plan = self.downsampler.plan(sendable, cut=cut, quiet_s=self.store.quiet_s)
         else:
             plan = Plan(send=list(sendable))
         if cut and self.whole_groups and plan.send:
             self._hold_cut_groups(plan, lease.cut_at)
-        self._hold_until_ms = plan.hold_until_ms
+        self._recheck_s = plan.recheck_s
         rejected.update(plan.late)
         unfinished: list[int] = list(plan.held)
         items: list[StoredReading] = []
@@ -195,7 +202,7 @@ class UplinkRunner:
             chunk = queue.popleft()
             sent += 1
             await self.limiter.acquire()
-            result = await self._send(chunk)
+            result = await self._send(chunk, lease, plan)
             self._note_moved(result)
             delivered.extend(result.delivered)
             rejected.update(result.rejected)
@@ -312,16 +319,37 @@ class UplinkRunner:
                 out.append(cur)
         return out
 
-    async def _send(self, chunk: list[StoredReading]) -> SendResult:
+    async def _send(self, chunk: list[StoredReading], lease: Lease, plan: Plan) -> SendResult:
         # The plugin applies its own per-phase timeouts; this guard catches one that forgot.
         try:
             async with asyncio.timeout(self.cfg.timeout_s * 3):
+                if isinstance(self.uplink, SettlesEarly):
+                    return await self.uplink.send_settling(
+                        chunk, lambda part: self._settle_early(lease, plan, part))
                 return await self.uplink.send(chunk)
         except TimeoutError:
             return SendResult.failed(Outcome.TRANSIENT, "send timed out")
         except Exception as exc:  # a plugin bug must not lose data or kill the uplink
             log.exception("uplink_send_crashed", uplink=self.name)
             return SendResult.failed(Outcome.TRANSIENT, f"send failed: {type(exc).__name__}")
+
+    async def _settle_early(self, lease: Lease, plan: Plan, part: SendResult) -> None:
+        """Record a finished part of a send at once (:class:`SettlesEarly`); a downsampled
+        aggregate's readings share its outcome. The window marks move when the lease completes
+        (a kill before then can at worst let a late reading of such a window through as a
+        second value, never lose one)."""
+        delivered = list(part.delivered)
+        rejected = {i: mask_secrets(r) for i, r in part.rejected.items()}
+        if plan.members:
+            done = set(delivered)
+            for agg_id, others in plan.members.items():
+                if agg_id in rejected:
+                    rejected.update(dict.fromkeys(others, rejected[agg_id]))
+                elif agg_id in done:
+                    delivered.extend(others)
+        await self.store.settle(lease, delivered, rejected)
+        if delivered:
+            self._on_success()
 
     # ------------------------------------------------------------------------------------------
     # State

@@ -54,7 +54,7 @@ import math
 import re
 import socket
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -65,7 +65,7 @@ from pydantic import Field, model_validator
 from gateway.configbase import NAME_PATTERN, RouteBase, Secret, SecretRef, Strict, UplinkConfigBase
 from gateway.models import StoredReading, Value
 from gateway.routes import WILDCARD, RouteTable, fill, is_pattern, sample, template_problem
-from gateway.uplinks.base import Failure, Outcome, SendResult
+from gateway.uplinks.base import Failure, Outcome, SendResult, Settle
 
 if TYPE_CHECKING:
     from gateway.uplinks.energydata_import import ImportBatcher
@@ -475,6 +475,10 @@ def merge_results(results: Sequence[SendResult]) -> SendResult:
     return SendResult(delivered=delivered, rejected=rejected, failure=failure)
 
 
+async def _settle_nothing(result: SendResult) -> None:
+    return None
+
+
 class EnergydataUplink:
     """The Energydata.dk plugin: one long-lived MQTT connection plus the optional backfill."""
 
@@ -562,6 +566,12 @@ class EnergydataUplink:
         return chosen, [r for r in batch if r.id not in picked]
 
     async def send(self, batch: Sequence[StoredReading]) -> SendResult:
+        return await self.send_settling(batch, _settle_nothing)
+
+    async def send_settling(self, batch: Sequence[StoredReading], settle: Settle) -> SendResult:
+        """Publish the live part over MQTT while the backfill part is imported; each part's
+        outcome is settled as soon as that part ends (:class:`~gateway.uplinks.base.SettlesEarly`),
+        so readings PUBACKed during a long import are recorded at once, not after it."""
         backfill, live = self.split(batch)
         if not backfill:
             return await self._publish(live)
@@ -569,10 +579,18 @@ class EnergydataUplink:
         assert importer is not None
         log.info("energydata_backfill", uplink=self.name, readings=len(backfill),
                  live=len(live))
+
+        async def part(run: Awaitable[SendResult]) -> SendResult:
+            result = await run
+            if result.delivered or result.rejected:
+                await settle(SendResult(delivered=result.delivered, rejected=result.rejected))
+            return result
+
         # Both at once: the live part is published while the import runs.
         async with asyncio.TaskGroup() as tg:
-            imp = tg.create_task(importer.submit(backfill), name=f"uplink:{self.name}:import")
-            pub = tg.create_task(self._publish(live), name=f"uplink:{self.name}:publish")
+            imp = tg.create_task(part(importer.submit(backfill)),
+                                 name=f"uplink:{self.name}:import")
+            pub = tg.create_task(part(self._publish(live)), name=f"uplink:{self.name}:publish")
         return merge_results([pub.result(), imp.result()])
 
     async def _publish(self, items: Sequence[StoredReading]) -> SendResult:

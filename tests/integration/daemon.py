@@ -7,8 +7,26 @@ import json
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import httpx
+
+#: The head of a test daemon's config: its store, a health endpoint on a free port, JSON logs
+#: (what :class:`Daemon` reads). Format with ``db``; sources and uplinks follow.
+DAEMON_HEAD = """
+[store]
+path = "{db}"
+commit_interval_ms = 50
+
+[health]
+port = 0
+
+[log]
+format = "json"
+"""
 
 
 class Daemon:
@@ -79,3 +97,24 @@ class Daemon:
             await self.kill()
         elif self._reader is not None:
             await self._reader
+
+
+async def status_until(
+    client: httpx.AsyncClient,
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float = 30,
+    what: str = "status",
+) -> dict[str, Any]:
+    """Ask a running daemon's /status (every 0.1 s) until ``predicate`` holds for it; fail with
+    the last answer's sources and uplinks. Another process has no event to wait on: polling its
+    endpoint is how an operator's script would watch it too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st: dict[str, Any] = (await client.get("/status")).json()
+        if predicate(st):
+            return st
+        if time.monotonic() > deadline:
+            shown = {k: st.get(k) for k in ("sources", "uplinks")}
+            raise AssertionError(f"{what} not reached within {timeout:g} s: "
+                                 f"{json.dumps(shown, indent=1)}")
+        await asyncio.sleep(0.1)  # the polling interval of an external observer

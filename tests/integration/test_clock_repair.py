@@ -99,7 +99,10 @@ async def rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         await emu.start()
         emus.append(emu)
         cfg = qcfg(emu.url, **cfg_kw)
-        store = await Store.open(StoreConfig(path=tmp_path / db, commit_interval_ms=10),
+        # REAL (tests/test_clock.py) is a fixed date that ages: retention must not evict the
+        # readings these tests stamp with it while they wait for their turn to be sent.
+        store = await Store.open(StoreConfig(path=tmp_path / db, commit_interval_ms=10,
+                                             retention_days=36_500),
                                  {"qatium": cfg.routed_series()})
         clock = clock_for(t, boot)
         await clock.start(store)

@@ -64,7 +64,10 @@ def ncfg(url: str, series: Sequence[str] = ("aq.no2", "aq.pm10", "van.temp"),
     data: dict[str, object] = {
         "name": "nilu", "type": "nilu", "url": url, "token": {"env": "UNUSED"},
         "sensors": [SENSORS[i] for i in used], "routes": routes, "rate_limit_requests": 0,
-        "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 5, **kw,
+        "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 5,
+        # Readings are stored all at once here: the newest window of each series closes 0.2 s
+        # after the store took it, not one resolution later (test_window_replay.py: the default).
+        "window_grace_s": 0.2, **kw,
     }
     return NiluConfig.model_validate(data)
 

@@ -40,7 +40,7 @@ from gateway.sandbox.qatium import QatiumEmulator
 from gateway.sandbox.vanda import VandaEmulator
 from gateway.store import Store
 
-from .daemon import Daemon
+from .daemon import Daemon, status_until
 
 QATIUM_TOKEN = "qatium-secret-7f3a9c1e"
 NILU_TOKEN = "nilu-secret-52be0d94"
@@ -256,20 +256,6 @@ def setup(tmp_path: Path, services: Services) -> tuple[Path, dict[str, str]]:
     env = {"FG_TEST_NILU_TOKEN": NILU_TOKEN, "FG_TEST_EDK_TOKEN": EDK_TOKEN,
            "CREDENTIALS_DIRECTORY": str(creds)}
     return config, env
-
-
-async def status_until(
-    client: httpx.AsyncClient, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30
-) -> dict[str, Any]:
-    """Poll /status (a few times a second) until ``predicate`` holds; fail with the last one."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st: dict[str, Any] = (await client.get("/status")).json()
-        if predicate(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"status never matched: {json.dumps(st['uplinks'], indent=1)}")
-        await asyncio.sleep(0.2)  # polling interval of an external observer, not a sync point
 
 
 def every_uplink_was_exercised(st: dict[str, Any]) -> bool:

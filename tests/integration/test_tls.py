@@ -46,7 +46,10 @@ API_KEY = "f13d34b-tls-key-0123456789a5da135d61"
 CLIENT, CLIENT_SECRET = "fieldgate-tls-client", "vanda-tls-secret-123"
 #: What OpenSSL and Python put in every verification failure, whatever the reason.
 VERIFY_FAILED = "CERTIFICATE_VERIFY_FAILED"
-COMMON: dict[str, object] = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 5}
+#: ``window_grace_s = 0``: the readings are minutes old and stored at once, so NILU's and Vanda's
+#: windows close as soon as they end (the default grace would hold the newest one).
+COMMON: dict[str, object] = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 5,
+                             "window_grace_s": 0}
 #: A refused uplink then waits 30-60 s: the test ends during that wait. (Cancelling an httpx
 #: request in the middle of a TLS handshake leaks its socket in httpcore 1.0, whose start_tls
 #: closes the stream on Exception only: a ResourceWarning later, an error under our filters.)

@@ -59,6 +59,9 @@ def vcfg(emu: VandaEmulator, **kw: object) -> VandaConfig:
         "backoff_initial_s": 0.05,
         "backoff_max_s": 0.2,
         "timeout_s": 5,
+        # Every reading here is stored at once and minutes old: windows close as soon as they
+        # end, so one lease holds them all (test_window_replay.py: the default grace).
+        "window_grace_s": 0,
         **kw,
     }
     return VandaConfig.model_validate(data)

@@ -9,9 +9,9 @@ final drain finishes within seconds of the last reading:
   ``nilu_resolution_s`` windows: closed by the wall clock a few seconds after the last reading).
 - ``slow`` (synthetic, 5 Hz, two series): Datacooee, which takes one reading per request.
 - ``river`` (a serial line logger on a pty): past-dated records, one per 5-minute slot, to Vanda
-  (whose water-level examination type has a 5-minute minimum interval: live data would close its
-  last window only ten minutes after the end) and to Energydata as single-value messages (old
-  enough for the batch import).
+  (whose water-level examination type has a 5-minute minimum interval; ``window_grace_s = 2``
+  closes the last window 2 s after the logger went quiet instead of one window later) and to
+  Energydata as single-value messages (old enough for the batch import).
 """
 
 from __future__ import annotations
@@ -299,6 +299,9 @@ client_id = {{ env = "SOAK_VANDA_CLIENT" }}
 client_secret = {{ env = "SOAK_VANDA_SECRET" }}
 rate_limit_requests = 0
 timeout_s = 3.0
+# One record per 5-minute slot: each window holds one reading, so it may close 2 s after the
+# logger went quiet (the default, one window, would hold the last one 5 minutes past the drain).
+window_grace_s = 2.0
 {knobs}""")
     for s, point in plan.vanda_routes().items():
         out.append(f"""  [[uplinks.routes]]
