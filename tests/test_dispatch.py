@@ -8,6 +8,7 @@ the emulators in tests/integration/.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from gateway.config import StoreConfig, UplinkConfigBase
 from gateway.models import Reading, StoredReading
 from gateway.store import Store
-from gateway.uplinks.base import Outcome, SendResult
+from gateway.uplinks.base import Outcome, SendResult, Settle, SettlesEarly
 from gateway.uplinks.dispatch import UplinkRunner, UplinkState
 from gateway.uplinks.ratelimit import RateLimiter
 
@@ -245,3 +246,51 @@ async def test_rate_limit_history_survives_a_restart(tmp_path: Path) -> None:
                                            rate_limit_period_s=3600, pacing="burst"), s2)
     assert r2.limiter.delay() > 3500
     await s2.aclose()
+
+
+class TwoPartUplink(RuleUplink):
+    """Sends each batch in two parts (like Energydata's MQTT beside an import) and settles the
+    first part as soon as it is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second_part_done = False
+
+    async def send_settling(self, batch: Sequence[StoredReading], settle: Settle) -> SendResult:
+        half = len(batch) // 2
+        await settle(SendResult(delivered=[i.id for i in batch[:half]]))
+        self.second_part_done = True
+        return SendResult.all_delivered(batch)
+
+
+async def test_an_early_settled_part_is_recorded_once_and_a_failed_early_record_loses_nothing(
+    store: Store,
+) -> None:
+    up = TwoPartUplink()
+    assert isinstance(up, SettlesEarly)
+    r = UplinkRunner(up, UplinkConfigBase(name="rule", rate_limit_requests=0), store)  # type: ignore[arg-type]
+    await store.ingest([Reading("s", 1_700_000_000_000 + i, float(i)) for i in range(10)],
+                       durable=True)
+    lease = await store.lease("rule", 100)
+    assert lease is not None
+    await r.process(lease)
+    assert store.uplink_stats("rule")["delivered"] == 10  # the settled half is not counted twice
+    assert store.uplink_stats("rule")["backlog"] == 0
+
+    # The early record fails (a full disk, say): the part goes on and the lease's completion
+    # records everything.
+    await store.ingest([Reading("s", 1_700_000_001_000 + i, float(i)) for i in range(10)],
+                       durable=True)
+
+    async def failing_settle(*a: object, **kw: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    store.settle = failing_settle  # type: ignore[method-assign]
+    up.second_part_done = False
+    lease = await store.lease("rule", 100)
+    assert lease is not None
+    await r.process(lease)
+    assert up.second_part_done
+    await store.refresh_stats()
+    assert store.uplink_stats("rule")["delivered"] == 20
+    assert store.uplink_stats("rule")["backlog"] == 0

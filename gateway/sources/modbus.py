@@ -90,7 +90,6 @@ __all__ = [
     "ProbeFailure",
     "ProbeReport",
     "load_profile",
-    "probe",
     "probe_report",
     "resolve_profile_path",
 ]
@@ -774,10 +773,6 @@ class ProbeReport:
     lines: tuple[str, ...]
     failures: tuple[ProbeFailure, ...] = ()
 
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
 
 async def probe_report(cfg: ModbusSourceConfig, base_dir: Path) -> ProbeReport:
     """Read every device of ``cfg`` once (for check-config --probe): report lines, and a
@@ -805,7 +800,3 @@ async def probe_report(cfg: ModbusSourceConfig, base_dir: Path) -> ProbeReport:
         tuple(f for r in reports for f in r.failures),
     )
 
-
-async def probe(cfg: ModbusSourceConfig, base_dir: Path) -> list[str]:
-    """The report lines of :func:`probe_report` alone (which devices failed is not in them)."""
-    return list((await probe_report(cfg, base_dir)).lines)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
@@ -347,7 +348,14 @@ class UplinkRunner:
                     rejected.update(dict.fromkeys(others, rejected[agg_id]))
                 elif agg_id in done:
                     delivered.extend(others)
-        await self.store.settle(lease, delivered, rejected)
+        try:
+            await self.store.settle(lease, delivered, rejected)
+        except (sqlite3.Error, OSError) as exc:
+            # Recording early is a saving, not a duty: the lease's completion records these too
+            # (they are in the send's result). Failing here must not cancel the other part.
+            log.warning("uplink_settle_failed", uplink=self.name, readings=len(delivered) +
+                        len(rejected), error=f"{type(exc).__name__}: {exc}")
+            return
         if delivered:
             self._on_success()
 

@@ -92,29 +92,38 @@ class Daemon:
             await self._reader
         return rc
 
+    async def next_line(self, timeout: float) -> None:
+        """Return when the daemon logs its next line, or after ``timeout`` seconds."""
+        seen = len(self.raw)
+        try:
+            async with asyncio.timeout(timeout), self._cond:
+                await self._cond.wait_for(lambda: len(self.raw) > seen)
+        except TimeoutError:
+            pass
+
+    async def status_until(
+        self,
+        client: httpx.AsyncClient,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 30,
+        what: str = "status",
+    ) -> dict[str, Any]:
+        """This daemon's /status once ``predicate`` holds for it; fail with the last answer's
+        sources and uplinks. Re-checked after every line the daemon logs and at least every
+        0.25 s (its counters also move without a log line)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st: dict[str, Any] = (await client.get("/status")).json()
+            if predicate(st):
+                return st
+            if time.monotonic() > deadline:
+                shown = {k: st.get(k) for k in ("sources", "uplinks")}
+                raise AssertionError(f"{what} not reached within {timeout:g} s: "
+                                     f"{json.dumps(shown, indent=1)}")
+            await self.next_line(0.25)
+
     async def aclose(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             await self.kill()
         elif self._reader is not None:
             await self._reader
-
-
-async def status_until(
-    client: httpx.AsyncClient,
-    predicate: Callable[[dict[str, Any]], bool],
-    timeout: float = 30,
-    what: str = "status",
-) -> dict[str, Any]:
-    """Ask a running daemon's /status (every 0.1 s) until ``predicate`` holds for it; fail with
-    the last answer's sources and uplinks. Another process has no event to wait on: polling its
-    endpoint is how an operator's script would watch it too."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st: dict[str, Any] = (await client.get("/status")).json()
-        if predicate(st):
-            return st
-        if time.monotonic() > deadline:
-            shown = {k: st.get(k) for k in ("sources", "uplinks")}
-            raise AssertionError(f"{what} not reached within {timeout:g} s: "
-                                 f"{json.dumps(shown, indent=1)}")
-        await asyncio.sleep(0.1)  # the polling interval of an external observer

@@ -16,9 +16,7 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -31,7 +29,7 @@ from gateway.sandbox.energydata_import import Datastream, EnergydataImportEmulat
 from gateway.sandbox.mosquitto import Mosquitto
 from gateway.store import Store
 
-from .daemon import DAEMON_HEAD, Daemon, status_until
+from .daemon import DAEMON_HEAD, Daemon
 
 MQTT_TOKEN = "edk-settle-mqtt-token-31"
 IMPORT_TOKEN = "edk-settle-import-token-59"
@@ -82,8 +80,8 @@ def write_config(tmp: Path, mqtt_port: int, import_url: str) -> Path:
     token.chmod(0o600)
     routes = "".join(ROUTE.format(i=i, ds=7000 + i) for i in range(N_SERIES))
     path = tmp / "fieldgate.toml"
-    path.write_text(CONFIG.format(db=f"{tmp}/fg.db", tmp=tmp, mqtt_port=mqtt_port, import_url=import_url,
-                                  routes=routes))
+    path.write_text(CONFIG.format(db=f"{tmp}/fg.db", tmp=tmp, mqtt_port=mqtt_port,
+                                  import_url=import_url, routes=routes))
     return path
 
 
@@ -126,14 +124,6 @@ def stored_outcome(db: Path) -> tuple[int, IntervalSet]:
     return int(delivered), IntervalSet.from_json(done)
 
 
-async def poll_status(client: httpx.AsyncClient, done: Callable[[dict[str, Any]], bool],
-                      timeout: float, what: str) -> dict[str, Any]:
-    """The uplink's /status once ``done`` holds for it."""
-    st = await status_until(client, lambda s: done(s["uplinks"]["edk"]), timeout, what)
-    edk: dict[str, Any] = st["uplinks"]["edk"]
-    return edk
-
-
 async def test_mqtt_part_is_recorded_at_once_and_a_kill_resends_only_the_import(
     tmp_path: Path, daemons: list[Daemon], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -167,9 +157,10 @@ async def test_mqtt_part_is_recorded_at_once_and_a_kill_resends_only_the_import(
 
         # PUBACKed while the import is still held: recorded as delivered, in memory and on disk.
         async with httpx.AsyncClient(base_url=await d1.health_url()) as client:
-            st = await poll_status(
-                client, lambda s: s["delivered"] >= len(recent), timeout=10,
-                what="readings PUBACKed over MQTT not recorded as delivered while the import runs")
+            st = (await d1.status_until(
+                client, lambda s: s["uplinks"]["edk"]["delivered"] >= len(recent), timeout=10,
+                what="readings PUBACKed over MQTT not recorded as delivered while the import runs",
+            ))["uplinks"]["edk"]
         assert (st["delivered"], st["backlog"]) == (len(recent), len(old))
         delivered, done = stored_outcome(db)
         assert delivered == len(recent)
@@ -188,8 +179,8 @@ async def test_mqtt_part_is_recorded_at_once_and_a_kill_resends_only_the_import(
         await d2.start()
         await d2.wait_event("gateway_ready")
         async with httpx.AsyncClient(base_url=await d2.health_url()) as client:
-            await poll_status(client, lambda s: s["backlog"] == 0, timeout=30,
-                              what="backlog not drained after the restart")
+            await d2.status_until(client, lambda s: s["uplinks"]["edk"]["backlog"] == 0,
+                                  timeout=30, what="backlog not drained after the restart")
         await emu.wait_for(lambda: emu.ingested >= len(old), timeout=10)
         assert await d2.terminate() == 0
 

@@ -33,7 +33,7 @@ from gateway.sandbox.modbus_sim import (
     synthetic_specs,
 )
 from gateway.sources.base import Source, now_ms
-from gateway.sources.modbus import ModbusSource, ModbusSourceConfig, probe
+from gateway.sources.modbus import ModbusSource, ModbusSourceConfig, probe_report
 from gateway.sources.modbus_decode import ORDERS, DataType, FieldSpec, Span, plan_reads
 
 REPO = Path(__file__).resolve().parents[2]
@@ -543,7 +543,7 @@ async def test_probe_reports_answers_refusals_and_silence(tmp_path: Path) -> Non
                 ),
             ],
         )
-        lines = await probe(cfg, tmp_path)
+        lines = list((await probe_report(cfg, tmp_path)).lines)
     text = "\n".join(lines)
     assert lines[0] == "modbus source plc: 4 device(s) on 2 connection(s)"
     assert f"good (unit 1 on tcp {sim.host}:{sim.port}): answered; 5 fields in" in text

@@ -40,7 +40,7 @@ from gateway.sandbox.qatium import QatiumEmulator
 from gateway.sandbox.vanda import VandaEmulator
 from gateway.store import Store
 
-from .daemon import Daemon, status_until
+from .daemon import Daemon
 
 QATIUM_TOKEN = "qatium-secret-7f3a9c1e"
 NILU_TOKEN = "nilu-secret-52be0d94"
@@ -297,7 +297,7 @@ async def run_daemon(
         await d.start()
         await d.wait_event("gateway_ready")
         async with httpx.AsyncClient(base_url=await d.health_url()) as client:
-            await status_until(client, ready)
+            await d.status_until(client, ready)
             pages = {p: (await client.get(p)).text for p in ("/status", "/metrics", "/health")}
         assert d.proc is not None
         listening = {c.laddr.ip for c in psutil.Process(d.proc.pid).net_connections("tcp")

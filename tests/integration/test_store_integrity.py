@@ -23,21 +23,11 @@ from gateway.sandbox.qatium import QatiumEmulator
 from gateway.store import Store
 from gateway.uplinks.qatium import iso_time
 
-from .daemon import Daemon
+from .daemon import DAEMON_HEAD, Daemon
 from .test_daemon import closed_port
 from .test_disk_full import make_readonly, small_tmpfs
 
-CONFIG = """
-[store]
-path = "{db}"
-commit_interval_ms = 50
-
-[health]
-port = 0
-
-[log]
-format = "json"
-
+CONFIG = DAEMON_HEAD + """
 [[sources]]
 name = "gen"
 type = "synthetic"

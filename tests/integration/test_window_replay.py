@@ -39,7 +39,7 @@ from gateway.sandbox.nilu import NiluEmulator, SensorSchema
 from gateway.sandbox.serial_sim import LineLoggerSim
 from gateway.sandbox.vanda import VandaEmulator
 
-from .daemon import DAEMON_HEAD, Daemon, status_until
+from .daemon import DAEMON_HEAD, Daemon
 from .test_sdi12_crc_del import socat_relay
 
 CLIENT, SECRET, NILU_TOKEN = "replay-client", "replay-vanda-secret", "replay-nilu-token"
@@ -255,7 +255,7 @@ async def test_replayed_memory_is_aggregated_per_window_with_no_dead_letters(
         await d.start()
         async with httpx.AsyncClient(base_url=await d.health_url()) as client:
             # Opening the port flushes its input: write only once the gateway holds it open.
-            await status_until(client, lambda st: st["sources"]["river"].get("port_open"))
+            await d.status_until(client, lambda st: st["sources"]["river"].get("port_open"))
 
             def holds(written: list[Record], uplink: str) -> Callable[[], bool]:
                 def check() -> bool:
@@ -284,7 +284,7 @@ async def test_replayed_memory_is_aggregated_per_window_with_no_dead_letters(
             # The closing record's readings stay pending (their window is open), everything
             # else was delivered (or, before the fix, dead-lettered).
             held = {"vanda": 4, "nilu": 3}
-            st = await status_until(client, lambda st: all(
+            st = await d.status_until(client, lambda st: all(
                 st["uplinks"][u]["backlog"] == n or st["uplinks"][u]["dead_letters"]
                 for u, n in held.items()))
             assert await d.terminate() == 0
