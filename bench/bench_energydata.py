@@ -45,7 +45,8 @@ from gateway.sandbox.energydata_broker import PUBACK, PUBLISH
 from gateway.sandbox.mosquitto import Mosquitto
 from gateway.store import Store
 from gateway.uplinks.dispatch import UplinkRunner
-from gateway.uplinks.energydata import EnergydataConfig, EnergydataUplink
+from gateway.uplinks.energydata.config import EnergydataConfig
+from gateway.uplinks.energydata.uplink import EnergydataUplink
 
 TOKEN = "bench-token"
 
@@ -68,8 +69,14 @@ class _Proxy:
                 tg.create_task(self._pipe(reader, up_writer, state, to_broker=True))
                 tg.create_task(self._pipe(up_reader, writer, state, to_broker=False))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    state: dict[str, int], *, to_broker: bool) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        state: dict[str, int],
+        *,
+        to_broker: bool,
+    ) -> None:
         # Whole chunks travel with their arrival time; packets are only counted, never copied.
         queue: asyncio.Queue[tuple[float, bytes, int] | None] = asyncio.Queue()
 
@@ -92,8 +99,7 @@ class _Proxy:
                     self.publishes += publishes
                     state["unacked"] += publishes
                     self.max_unacked = max(self.max_unacked, state["unacked"])
-                queue.put_nowait((time.monotonic() + self.delay_s, chunk,
-                                  0 if to_broker else acks))
+                queue.put_nowait((time.monotonic() + self.delay_s, chunk, 0 if to_broker else acks))
         queue.put_nowait(None)
         await task
 
@@ -127,8 +133,9 @@ async def proxy_main(upstream: int, delay_ms: float) -> None:
     print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
     loop = asyncio.get_running_loop()
     while await loop.run_in_executor(None, sys.stdin.readline):
-        print(json.dumps({"max_unacked": proxy.max_unacked, "publishes": proxy.publishes}),
-              flush=True)
+        print(
+            json.dumps({"max_unacked": proxy.max_unacked, "publishes": proxy.publishes}), flush=True
+        )
         proxy.max_unacked = proxy.publishes = 0
     server.close()
 
@@ -137,7 +144,10 @@ class ProxyProcess:
     def __init__(self, upstream: int, delay_ms: float) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--proxy", str(upstream), str(delay_ms)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         self.port = int(json.loads(self.proc.stdout.readline())["port"])
 
@@ -181,22 +191,38 @@ def doc_loop(port: int, n: int) -> float:
         client.loop_stop()
 
 
-async def windowed(port: int, n: int, window: int, concurrency: int, *, multi: bool,
-                   db: Path) -> tuple[float, int]:
+async def windowed(
+    port: int, n: int, window: int, concurrency: int, *, multi: bool, db: Path
+) -> tuple[float, int]:
     """(seconds until the store has nothing pending, the plugin's max in flight)."""
     series = 20 if multi else 1
-    cfg = EnergydataConfig.model_validate({
-        "name": "bench", "type": "energydata", "host": "127.0.0.1", "port": port, "tls": False,
-        "token": {"env": "UNUSED"}, "window": window, "concurrency": concurrency,
-        "datasets": [{"name": "d", "prefix": "bench", "messages": "multi" if multi else "single"}],
-        "routes": [{"series": f"s{i}", "dataset": "d", "suffix": f"v/{i}"} for i in range(series)],
-    })
-    store = await Store.open(StoreConfig(path=db, commit_interval_ms=50, synchronous="normal"),
-                             {"bench": cfg.routed_series()})
+    cfg = EnergydataConfig.model_validate(
+        {
+            "name": "bench",
+            "type": "energydata",
+            "host": "127.0.0.1",
+            "port": port,
+            "tls": False,
+            "token": {"env": "UNUSED"},
+            "window": window,
+            "concurrency": concurrency,
+            "datasets": [
+                {"name": "d", "prefix": "bench", "messages": "multi" if multi else "single"}
+            ],
+            "routes": [
+                {"series": f"s{i}", "dataset": "d", "suffix": f"v/{i}"} for i in range(series)
+            ],
+        }
+    )
+    store = await Store.open(
+        StoreConfig(path=db, commit_interval_ms=50, synchronous="normal"),
+        {"bench": cfg.routed_series()},
+    )
     writer = asyncio.create_task(store.run(), name="store:writer")
     t = int(time.time() * 1000)
-    await store.ingest([Reading(f"s{i % series}", t + i // series, float(i)) for i in range(n)],
-                       durable=True)
+    await store.ingest(
+        [Reading(f"s{i % series}", t + i // series, float(i)) for i in range(n)], durable=True
+    )
     uplink = EnergydataUplink(cfg, Secret(TOKEN, "bench"))
     runner = UplinkRunner(uplink, cfg, store)
     t0 = time.perf_counter()
@@ -224,38 +250,66 @@ async def bench(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-edk-") as tmp:
         async with Mosquitto(Path(tmp) / "mq") as mq:
-            for label, delay, n_doc in (("loopback", 0.0, args.doc_readings),
-                                        (f"+{args.rtt_ms:g} ms RTT", args.rtt_ms / 2,
-                                         args.doc_readings_slow)):
+            for label, delay, n_doc in (
+                ("loopback", 0.0, args.doc_readings),
+                (f"+{args.rtt_ms:g} ms RTT", args.rtt_ms / 2, args.doc_readings_slow),
+            ):
                 proxy = ProxyProcess(mq.port, delay)
                 try:
                     secs = await asyncio.to_thread(doc_loop, proxy.port, n_doc)
                     c = proxy.counters()
-                    rows.append({"path": label, "mode": "doc-loop (paho, wait each)",
-                                 "readings": n_doc, "s": secs, "max_unacked": c["max_unacked"],
-                                 "in_flight": 1})
+                    rows.append(
+                        {
+                            "path": label,
+                            "mode": "doc-loop (paho, wait each)",
+                            "readings": n_doc,
+                            "s": secs,
+                            "max_unacked": c["max_unacked"],
+                            "in_flight": 1,
+                        }
+                    )
                     for multi in (False, True):
                         secs, in_flight = await windowed(
-                            proxy.port, args.readings, args.window, args.concurrency,
-                            multi=multi, db=Path(tmp) / f"{label[:4]}{multi}.db")
+                            proxy.port,
+                            args.readings,
+                            args.window,
+                            args.concurrency,
+                            multi=multi,
+                            db=Path(tmp) / f"{label[:4]}{multi}.db",
+                        )
                         c = proxy.counters()
-                        rows.append({"path": label, "readings": args.readings, "s": secs,
-                                     "mode": f"windowed {'multi x20' if multi else 'single'}",
-                                     "max_unacked": c["max_unacked"], "in_flight": in_flight})
+                        rows.append(
+                            {
+                                "path": label,
+                                "readings": args.readings,
+                                "s": secs,
+                                "mode": f"windowed {'multi x20' if multi else 'single'}",
+                                "max_unacked": c["max_unacked"],
+                                "in_flight": in_flight,
+                            }
+                        )
                 finally:
                     proxy.close()
-    print(f"\nwindow={args.window} concurrency={args.concurrency} "
-          f"readings={args.readings} (doc-loop: {args.doc_readings} / {args.doc_readings_slow})")
-    print(f"{'path':<14} {'mode':<28} {'readings':>9} {'seconds':>8} {'readings/s':>11} "
-          f"{'max unacked':>12} {'ratio':>7}")
+    print(
+        f"\nwindow={args.window} concurrency={args.concurrency} "
+        f"readings={args.readings} (doc-loop: {args.doc_readings} / {args.doc_readings_slow})"
+    )
+    print(
+        f"{'path':<14} {'mode':<28} {'readings':>9} {'seconds':>8} {'readings/s':>11} "
+        f"{'max unacked':>12} {'ratio':>7}"
+    )
     base: dict[str, float] = {}
     for r in rows:
         rate = r["readings"] / r["s"]
         base.setdefault(r["path"], rate)
-        print(f"{r['path']:<14} {r['mode']:<28} {r['readings']:>9} {r['s']:>8.2f} {rate:>11.0f} "
-              f"{r['max_unacked']:>12} {rate / base[r['path']]:>6.1f}x")
-    print("max unacked: most QoS 1 publishes outstanding on one connection, seen by the proxy "
-          "(the plugin's own count agreed: " + ", ".join(str(r["in_flight"]) for r in rows) + ")")
+        print(
+            f"{r['path']:<14} {r['mode']:<28} {r['readings']:>9} {r['s']:>8.2f} {rate:>11.0f} "
+            f"{r['max_unacked']:>12} {rate / base[r['path']]:>6.1f}x"
+        )
+    print(
+        "max unacked: most QoS 1 publishes outstanding on one connection, seen by the proxy "
+        "(the plugin's own count agreed: " + ", ".join(str(r["in_flight"]) for r in rows) + ")"
+    )
 
 
 def main() -> None:
@@ -265,8 +319,12 @@ def main() -> None:
     p.add_argument("--doc-readings-slow", type=int, default=200)
     p.add_argument("--rtt-ms", type=float, default=20.0)
     p.add_argument("--window", type=int, default=100)
-    p.add_argument("--concurrency", type=int, default=1,
-                   help="uplink workers (1: see the Store.complete note in the report)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="uplink workers (1: see the Store.complete note in the report)",
+    )
     p.add_argument("--proxy", nargs=2, metavar=("UPSTREAM", "DELAY_MS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.proxy:

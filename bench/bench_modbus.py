@@ -33,15 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import structlog
 
 from gateway.models import Reading
+from gateway.sandbox.modbus_encode import encode_raw
 from gateway.sandbox.modbus_sim import field_dicts, synthetic_specs
-from gateway.sources.modbus import ModbusSource, ModbusSourceConfig
-from gateway.sources.modbus_decode import (
+from gateway.sources.modbus.config import ModbusSourceConfig
+from gateway.sources.modbus.decode import (
     BIT_TABLES,
+    FieldSpec,
     Span,
-    encode_raw,
     plan_reads,
     words_to_bytes,
 )
+from gateway.sources.modbus.source import ModbusSource
 
 
 def start_simulator(fields: int, transport: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
@@ -137,7 +139,13 @@ async def run_mode(
 
 def decode_cost(fields: int, rounds: int = 2000) -> float:
     """CPU microseconds per field to decode, scale and check a whole map from raw registers."""
-    specs = synthetic_specs(fields)
+    # The gateway's own specs of the simulator's map (what it decodes with).
+    specs = [
+        FieldSpec(
+            s.series, s.table, s.address, s.dtype, s.order, s.bit, s.length, s.scale, s.offset
+        )
+        for s in synthetic_specs(fields)
+    ]
     plan = plan_reads([Span(s.table, s.address, s.count) for s in specs])
     payloads = []
     for req in plan:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -28,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.configbase import StoreConfig  # noqa: E402
-from gateway.models import Reading  # noqa: E402
-from gateway.store import _SCHEMA, Store  # noqa: E402
+from gateway.configbase import StoreConfig
+from gateway.models import Reading
+from gateway.store import _SCHEMA, Store
 
 SERIES = [f"site.dev{i // 10}.ch{i % 10}" for i in range(100)]
 
@@ -49,8 +48,9 @@ def write_bytes() -> int:
 
 
 def raw_sqlite(path: Path, readings: list[Reading], sync: str) -> float:
-    rows = [(i + 1, (i % 100) + 1, r.ts, r.value, 0, None, None, None)
-            for i, r in enumerate(readings)]
+    rows = [
+        (i + 1, (i % 100) + 1, r.ts, r.value, 0, None, None, None) for i, r in enumerate(readings)
+    ]
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {sync.upper()}")
@@ -60,7 +60,9 @@ def raw_sqlite(path: Path, readings: list[Reading], sync: str) -> float:
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT INTO readings (id, series, ts, value, flags, lat, lon, alt) "
-            "VALUES (?,?,?,?,?,?,?,?)", rows[i:i + 1000])
+            "VALUES (?,?,?,?,?,?,?,?)",
+            rows[i : i + 1000],
+        )
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - t
     conn.close()
@@ -73,7 +75,7 @@ async def store_ingest(path: Path, readings: list[Reading], sync: str) -> tuple[
     before = write_bytes()
     t = time.perf_counter()
     for i in range(0, len(readings), 1000):
-        await store.ingest(readings[i:i + 1000])
+        await store.ingest(readings[i : i + 1000])
     await store.flush()
     elapsed = time.perf_counter() - t
     written = write_bytes() - before
@@ -105,6 +107,7 @@ def bench_ingest(n: int, workdir: Path, sync: str) -> dict[str, float]:
 
 def child_rss(db: str, cycles: int) -> None:
     """Run in a child: open the store, do the daemon's periodic work, print peak RSS in KiB."""
+
     async def go() -> None:
         store = await Store.open(StoreConfig(path=Path(db)), {"bench": SERIES})
         for _ in range(cycles):
@@ -135,8 +138,9 @@ def bench_memory(backlog: int, workdir: Path) -> dict[str, float]:
         writer = asyncio.create_task(store.run())
         t0 = int(time.time() * 1000) - n
         for i in range(0, n, 10_000):
-            await store.ingest([Reading(SERIES[j % 100], t0 + j, float(j)) for j in
-                                range(i, min(n, i + 10_000))])
+            await store.ingest(
+                [Reading(SERIES[j % 100], t0 + j, float(j)) for j in range(i, min(n, i + 10_000))]
+            )
         await store.flush()
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
@@ -146,13 +150,22 @@ def bench_memory(backlog: int, workdir: Path) -> dict[str, float]:
     asyncio.run(fill(full, backlog))
 
     def run(db: Path) -> int:
-        out = subprocess.run([sys.executable, __file__, "--child", str(db)], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(db)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         return int(json.loads(out.strip().splitlines()[-1])["peak_rss_kib"])
 
     e, f = run(empty), run(full)
-    return {"backlog": backlog, "rss_empty_mib": e / 1024, "rss_backlog_mib": f / 1024,
-            "difference_mib": (f - e) / 1024, "db_bytes": full.stat().st_size}
+    return {
+        "backlog": backlog,
+        "rss_empty_mib": e / 1024,
+        "rss_backlog_mib": f / 1024,
+        "difference_mib": (f - e) / 1024,
+        "db_bytes": full.stat().st_size,
+    }
 
 
 def main() -> None:
@@ -171,14 +184,18 @@ def main() -> None:
         for sync in ("full", "normal"):
             ing = bench_ingest(args.rows, workdir, sync)
             print(f"ingest   synchronous={sync.upper()}, {args.rows:,} readings, best of 3")
-            print(f"  raw sqlite3 executemany, 1000 rows/txn, WAL: {ing['raw_rows_per_s']:>10,.0f} rows/s")
-            print(f"  fieldgate Store.ingest + group commit:       {ing['store_rows_per_s']:>10,.0f} readings/s")
+            raw, ours = ing["raw_rows_per_s"], ing["store_rows_per_s"]
+            print(f"  raw sqlite3 executemany, 1000 rows/txn, WAL: {raw:>10,.0f} rows/s")
+            print(f"  fieldgate Store.ingest + group commit:       {ours:>10,.0f} readings/s")
             print(f"  ratio store/raw: {ing['ratio']:.2f} (target >= 0.25)")
-            print(f"  bytes written to disk per captured reading: {ing['bytes_written_per_reading']:.1f}")
+            per = ing["bytes_written_per_reading"]
+            print(f"  bytes written to disk per captured reading: {per:.1f}")
         mem = bench_memory(args.backlog, workdir)
         print(f"memory   peak RSS, empty store:             {mem['rss_empty_mib']:.1f} MiB")
-        print(f"memory   peak RSS, {mem['backlog']:,} in backlog: {mem['rss_backlog_mib']:.1f} MiB "
-              f"(db {mem['db_bytes'] / 1e6:.0f} MB)")
+        print(
+            f"memory   peak RSS, {mem['backlog']:,} in backlog: {mem['rss_backlog_mib']:.1f} MiB "
+            f"(db {mem['db_bytes'] / 1e6:.0f} MB)"
+        )
         print(f"memory   difference: {mem['difference_mib']:.1f} MiB (target <= 20)")
     finally:
         if not args.dir:

@@ -114,9 +114,19 @@ class Simulator:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.sandbox.modbus_sim", "--counters",
-             f"{self.units.start}-{self.units.stop - 1}={self.registers}", "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "gateway.sandbox.modbus_sim",
+                "--counters",
+                f"{self.units.start}-{self.units.stop - 1}={self.registers}",
+                "--port",
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
         )
         assert self.proc.stdout is not None
         self.port = json.loads(self.proc.stdout.readline())["port"]
@@ -137,10 +147,24 @@ class Simulator:
 class Subscriber:
     def __init__(self, port: int, topic: str, fmt: str, units: range, registers: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "e2e_subscriber.py"), "--port", str(port),
-             "--topic", topic, "--format", fmt, "--registers", str(registers),
-             "--units", f"{units.start}-{units.stop - 1}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            [
+                sys.executable,
+                str(ROOT / "bench" / "e2e_subscriber.py"),
+                "--port",
+                str(port),
+                "--topic",
+                topic,
+                "--format",
+                fmt,
+                "--registers",
+                str(registers),
+                "--units",
+                f"{units.start}-{units.stop - 1}",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
         )
         assert json.loads(self.ask_raw())["ready"]
 
@@ -201,9 +225,18 @@ class Fieldgate(GatewayProcess):
     topic = PREFIX
     fmt = "fieldgate"
 
-    def __init__(self, workdir: Path, *, modbus_port: int, units: range, registers: int,
-                 interval: float, mqtt_port: int, commit_interval_ms: int | None = None,
-                 health: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        modbus_port: int,
+        units: range,
+        registers: int,
+        interval: float,
+        mqtt_port: int,
+        commit_interval_ms: int | None = None,
+        health: bool = False,
+    ) -> None:
         self.workdir = workdir
         self.db = workdir / "fieldgate.db"
         self.config = workdir / "fieldgate.toml"
@@ -211,39 +244,72 @@ class Fieldgate(GatewayProcess):
         profile = workdir / "counter.toml"
         profile.write_text(
             'manufacturer = "fieldgate bench"\nmodel = "counter"\ntable = "holding"\n'
-            + "".join(f'[[fields]]\nname = "r{i}"\naddress = {i}\ntype = "uint16"\n'
-                      for i in range(registers))
+            + "".join(
+                f'[[fields]]\nname = "r{i}"\naddress = {i}\ntype = "uint16"\n'
+                for i in range(registers)
+            )
         )
         lines = [
-            "[store]", f'path = "{self.db}"',
+            "[store]",
+            f'path = "{self.db}"',
             *([f"commit_interval_ms = {commit_interval_ms}"] if commit_interval_ms else []),
             # Off by default: the peer has no local endpoint either (--health turns it on).
-            "[health]", f"enabled = {'true' if health else 'false'}", "port = 0",
-            "[log]", 'level = "warning"', 'format = "json"',
-            "[clock]", 'trust = "always"',
-            "[[sources]]", 'name = "plant"', 'type = "modbus"', 'transport = "tcp"',
-            'host = "127.0.0.1"', f"port = {modbus_port}", "timeout_s = 2.0",
+            "[health]",
+            f"enabled = {'true' if health else 'false'}",
+            "port = 0",
+            "[log]",
+            'level = "warning"',
+            'format = "json"',
+            "[clock]",
+            'trust = "always"',
+            "[[sources]]",
+            'name = "plant"',
+            'type = "modbus"',
+            'transport = "tcp"',
+            'host = "127.0.0.1"',
+            f"port = {modbus_port}",
+            "timeout_s = 2.0",
         ]
         for u in units:
-            lines += ["[[sources.devices]]", f'name = "u{u}"', f"unit = {u}",
-                      f"interval_s = {interval}", f'profile = "{profile}"']
+            lines += [
+                "[[sources.devices]]",
+                f'name = "u{u}"',
+                f"unit = {u}",
+                f"interval_s = {interval}",
+                f'profile = "{profile}"',
+            ]
         lines += [
-            "[[uplinks]]", 'name = "energydata"', 'type = "energydata"', 'host = "127.0.0.1"',
-            f"port = {mqtt_port}", "tls = false",
+            "[[uplinks]]",
+            'name = "energydata"',
+            'type = "energydata"',
+            'host = "127.0.0.1"',
+            f"port = {mqtt_port}",
+            "tls = false",
             f'token = {{ value = "{TOKEN}", plain_text = true }}',
-            "[[uplinks.datasets]]", 'name = "bench"', f'prefix = "{PREFIX}"', 'messages = "multi"',
+            "[[uplinks.datasets]]",
+            'name = "bench"',
+            f'prefix = "{PREFIX}"',
+            'messages = "multi"',
         ]
         # One pattern route for every unit's registers (u1.r0 -> bench/u1/r0), as the peer's
         # range datapoint covers a unit's 125 registers in one entry.
-        lines += ["[[uplinks.routes]]", 'series = "u*.r*"', 'dataset = "bench"',
-                  'suffix = "u{1}/r{2}"', 'datatype = "integer"']
+        lines += [
+            "[[uplinks.routes]]",
+            'series = "u*.r*"',
+            'dataset = "bench"',
+            'suffix = "u{1}/r{2}"',
+            'datatype = "integer"',
+        ]
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
         log = (self.workdir / "fieldgate.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
         )
 
     def durable_counters(self) -> dict[int, int]:
@@ -252,7 +318,8 @@ class Fieldgate(GatewayProcess):
         try:
             rows = con.execute(
                 "SELECT s.name, max(r.value) FROM readings r JOIN series s ON s.id = r.series "
-                "WHERE s.name LIKE 'u%.r0' GROUP BY s.name").fetchall()
+                "WHERE s.name LIKE 'u%.r0' GROUP BY s.name"
+            ).fetchall()
         finally:
             con.close()
         return {int(name[1:].split(".")[0]): int(v) for name, v in rows}
@@ -262,8 +329,17 @@ class Peer(GatewayProcess):
     name = "thingsboard-gateway"
     fmt = "peer"
 
-    def __init__(self, workdir: Path, *, modbus_port: int, units: range, registers: int,
-                 interval: float, mqtt_port: int, venv: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        modbus_port: int,
+        units: range,
+        registers: int,
+        interval: float,
+        mqtt_port: int,
+        venv: Path,
+    ) -> None:
         from bench import peer_tbgateway as tb
 
         self.tb = tb
@@ -271,8 +347,13 @@ class Peer(GatewayProcess):
         self.workdir = workdir
         self.python = tb.ensure_peer(venv)
         self.config_dir = tb.write_peer_config(
-            workdir, modbus_port=modbus_port, units=list(units), registers=registers,
-            poll_ms=int(interval * 1000), mqtt_port=mqtt_port)
+            workdir,
+            modbus_port=modbus_port,
+            units=list(units),
+            registers=registers,
+            poll_ms=int(interval * 1000),
+            mqtt_port=mqtt_port,
+        )
         self.mqtt_port = mqtt_port
         self.proc: subprocess.Popen[bytes] | None = None
         self._stub: asyncio.Task[None] | None = None
@@ -331,14 +412,19 @@ async def rig(which: str, args: argparse.Namespace, **fg_extra: Any) -> AsyncIte
         # Persistent sessions, no queue limit: when the broker comes back after an outage, what
         # a gateway publishes before the subscriber has reconnected is queued for it (the
         # subscriber's session survives the restart), so a late subscriber never looks like loss.
-        broker = Mosquitto(workdir / "mq", max_inflight_messages=1000, max_queued_messages=0,
-                           persistence=True)
+        broker = Mosquitto(
+            workdir / "mq", max_inflight_messages=1000, max_queued_messages=0, persistence=True
+        )
         await broker.start()
         gw: Gateway
         try:
-            common: dict[str, Any] = dict(modbus_port=sim.port, units=units,
-                                          registers=args.registers, interval=args.interval,
-                                          mqtt_port=broker.port)
+            common: dict[str, Any] = dict(
+                modbus_port=sim.port,
+                units=units,
+                registers=args.registers,
+                interval=args.interval,
+                mqtt_port=broker.port,
+            )
             if which == "fieldgate":
                 gw = Fieldgate(workdir, **common, **fg_extra)
             else:
@@ -354,8 +440,9 @@ async def rig(which: str, args: argparse.Namespace, **fg_extra: Any) -> AsyncIte
             sim.close()
 
 
-async def drain(r: Rig, expected_points: int, quiet_s: float = 10.0,
-                limit_s: float = 180.0) -> dict[str, Any]:
+async def drain(
+    r: Rig, expected_points: int, quiet_s: float = 10.0, limit_s: float = 180.0
+) -> dict[str, Any]:
     """Wait until the subscriber has every expected point, or nothing has arrived for quiet_s
     (counted from the later of the last arrival and the start of the wait), or limit_s."""
     started = time.time()
@@ -428,10 +515,24 @@ async def scenario_run(which: str, args: argparse.Namespace) -> dict[str, Any]:
             # py-spy samples the running gateway from outside (collapsed stacks, GIL holder).
             # Popen is fine here: it returns at once and the harness waits on it below.
             spy = subprocess.Popen(  # noqa: ASYNC220
-                [str(Path(sys.executable).with_name("py-spy")),  # the venv's, as installed
-                 "record", "-p", str(r.gw.pids[0]), "-d", str(int(args.seconds)),
-                 "-f", "raw", "-o", args.profile, "-r", "100", "--gil"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    str(Path(sys.executable).with_name("py-spy")),  # the venv's, as installed
+                    "record",
+                    "-p",
+                    str(r.gw.pids[0]),
+                    "-d",
+                    str(int(args.seconds)),
+                    "-f",
+                    "raw",
+                    "-o",
+                    args.profile,
+                    "-r",
+                    "100",
+                    "--gil",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         await asyncio.sleep(args.seconds)  # the measured window
         if spy is not None:
             await asyncio.to_thread(spy.wait)
@@ -447,7 +548,9 @@ async def scenario_run(which: str, args: argparse.Namespace) -> dict[str, Any]:
         cpu_pct = 100 * (c1 - c0) / window
         return {
             "gateway": which,
-            "units": len(r.units), "registers": r.registers, "interval_s": r.interval,
+            "units": len(r.units),
+            "registers": r.registers,
+            "interval_s": r.interval,
             "offered_points_per_s": len(r.units) * r.registers / r.interval,
             "window_s": round(window, 1),
             "delivered_points_per_s": round(delivered / window),
@@ -468,10 +571,16 @@ async def scenario_idle(which: str, args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.seconds)  # idle: one device polled, nothing else happens
         await sampler.stop()
         st = r.sub.ask("stats")
-        return {"gateway": which, "health_endpoint": bool(extra),
-                "units": 1, "registers": r.registers, "interval_s": r.interval,
-                "seconds": args.seconds, "points_received": st["points"],
-                "rss_mib": {"end": round(sampler.rss[-1], 1), "max": round(max(sampler.rss), 1)}}
+        return {
+            "gateway": which,
+            "health_endpoint": bool(extra),
+            "units": 1,
+            "registers": r.registers,
+            "interval_s": r.interval,
+            "seconds": args.seconds,
+            "points_received": st["points"],
+            "rss_mib": {"end": round(sampler.rss[-1], 1), "max": round(max(sampler.rss), 1)},
+        }
 
 
 async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -508,21 +617,28 @@ async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any
         after = [at for v in acct["_whole"].values() for _c, _ts, at in v if at >= up_ms]
         reconnect_s = round((min(after) - up_ms) / 1000, 2) if after else None
         out: dict[str, Any] = {
-            "gateway": which, "units": len(r.units), "registers": r.registers,
-            "interval_s": r.interval, "down_s": round(up_at - down_at, 1), "killed": args.kill,
+            "gateway": which,
+            "units": len(r.units),
+            "registers": r.registers,
+            "interval_s": r.interval,
+            "down_s": round(up_at - down_at, 1),
+            "killed": args.kill,
             **({"commit_interval_ms": args.commit_ms} if extra else {}),
             "backlog_points": round((up_at - down_at) * len(r.units) * r.registers / r.interval),
             "caught_up_s": caught_up_s,
             "first_delivery_after_broker_up_s": reconnect_s,
-            "caught_up_after_reconnect_s": (round(caught_up_s - reconnect_s, 2)
-                                            if caught_up_s is not None and reconnect_s is not None
-                                            else None),
+            "caught_up_after_reconnect_s": (
+                round(caught_up_s - reconnect_s, 2)
+                if caught_up_s is not None and reconnect_s is not None
+                else None
+            ),
             "rss_mib_max": round(max(sampler.rss), 1) if sampler.rss else None,
             **acct,
         }
         if durable:
-            lost_durable = sum(1 for u, cs in acct["_lost_polls"].items() for c in cs
-                               if c <= durable.get(u, 0))
+            lost_durable = sum(
+                1 for u, cs in acct["_lost_polls"].items() for c in cs if c <= durable.get(u, 0)
+            )
             out["lost_polls_that_were_durable"] = lost_durable
         out["exit_code"] = r.gw.stop()
         return out
@@ -530,6 +646,7 @@ async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any
 
 async def scenario_suite(which: str, args: argparse.Namespace) -> dict[str, Any]:
     """Every figure BENCHMARKS.md reports, for one gateway."""
+
     def with_(**kw: Any) -> argparse.Namespace:
         return argparse.Namespace(**{**vars(args), **kw})
 
@@ -537,15 +654,18 @@ async def scenario_suite(which: str, args: argparse.Namespace) -> dict[str, Any]
     out["idle"] = await scenario_idle(which, with_(seconds=args.idle_seconds, interval=1.0))
     if which == "fieldgate":
         out["idle_with_health"] = await scenario_idle(
-            which, with_(seconds=args.idle_seconds, interval=1.0, health=True))
+            which, with_(seconds=args.idle_seconds, interval=1.0, health=True)
+        )
     out["load_25k"] = await scenario_run(which, with_(units=200, interval=1.0))
-    out["load_high"] = await scenario_run(which, with_(units=args.high_units,
-                                                       interval=args.high_interval))
+    out["load_high"] = await scenario_run(
+        which, with_(units=args.high_units, interval=args.high_interval)
+    )
     if which == "fieldgate":
         # The latency target with a shorter group commit (the peer has no such knob: its
         # storage commits every 100 ms). The default 250 ms spares an SD card fsyncs.
-        out["latency_25k"] = await scenario_run(which, with_(units=200, interval=1.0,
-                                                             commit_ms=args.latency_commit_ms))
+        out["latency_25k"] = await scenario_run(
+            which, with_(units=200, interval=1.0, commit_ms=args.latency_commit_ms)
+        )
     out["outage"] = await scenario_outage(which, with_(units=200, interval=1.0, kill=False))
     out["outage_kill"] = await scenario_outage(which, with_(units=200, interval=1.0, kill=True))
     for v in out.values():
@@ -555,8 +675,12 @@ async def scenario_suite(which: str, args: argparse.Namespace) -> dict[str, Any]
     return out
 
 
-SCENARIOS = {"run": scenario_run, "idle": scenario_idle, "outage": scenario_outage,
-             "suite": scenario_suite}
+SCENARIOS = {
+    "run": scenario_run,
+    "idle": scenario_idle,
+    "outage": scenario_outage,
+    "suite": scenario_suite,
+}
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -585,11 +709,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--kill", action="store_true")
     ap.add_argument("--health", action="store_true", help="idle: fieldgate with /health on")
     ap.add_argument("--commit-ms", type=int, default=None)
-    ap.add_argument("--peer-venv", default=str(Path.home() / ".cache" / "fieldgate-bench"
-                                               / "tbgateway-3.8.5"))
+    ap.add_argument(
+        "--peer-venv", default=str(Path.home() / ".cache" / "fieldgate-bench" / "tbgateway-3.8.5")
+    )
     ap.add_argument("--idle-seconds", type=float, default=60.0, help="suite: the idle run")
-    ap.add_argument("--latency-commit-ms", type=int, default=25,
-                    help="suite: fieldgate's commit_interval_ms in the latency run")
+    ap.add_argument(
+        "--latency-commit-ms",
+        type=int,
+        default=25,
+        help="suite: fieldgate's commit_interval_ms in the latency run",
+    )
     ap.add_argument("--high-units", type=int, default=100, help="suite: the high-rate run")
     ap.add_argument("--high-interval", type=float, default=0.1, help="suite: the high-rate run")
     ap.add_argument("--profile", help="py-spy collapsed stacks of the gateway to this file")

@@ -153,8 +153,7 @@ def main() -> None:
     args = ap.parse_args()
     first, _, last = args.units.partition("-")
     units = range(int(first), int(last or first) + 1)
-    parse = (fieldgate_parser(args.registers, units) if args.format == "fieldgate"
-             else peer_parser())
+    parse = fieldgate_parser(args.registers, units) if args.format == "fieldgate" else peer_parser()
     tally = Tally(args.registers)
     errors: list[str] = []
 

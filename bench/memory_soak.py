@@ -87,13 +87,21 @@ async def main(args: argparse.Namespace) -> int:
     duration = args.minutes * 60
     total = args.site_rate * args.hours * 3600
     fast_hz = total / duration / (len(WAVEFORMS) * SERIES_REPLICAS)
-    plan = SoakPlan(kills=0, fast_replicas=SERIES_REPLICAS, fast_hz=fast_hz,
-                    fault_mean_s=args.fault_mean, drain_every=0)
+    plan = SoakPlan(
+        kills=0,
+        fast_replicas=SERIES_REPLICAS,
+        fast_hz=fast_hz,
+        fault_mean_s=args.fault_mean,
+        drain_every=0,
+    )
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fg-mem-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"memory soak: {args.hours:g} h of a {args.site_rate:g} readings/s site "
-          f"({total:,.0f} readings) in {args.minutes:g} min: {len(plan.fast_series)} series at "
-          f"{fast_hz:.1f} Hz = {total / duration:,.0f} readings/s; workdir {workdir}", flush=True)
+    print(
+        f"memory soak: {args.hours:g} h of a {args.site_rate:g} readings/s site "
+        f"({total:,.0f} readings) in {args.minutes:g} min: {len(plan.fast_series)} series at "
+        f"{fast_hz:.1f} Hz = {total / duration:,.0f} readings/s; workdir {workdir}",
+        flush=True,
+    )
     samples: list[tuple[float, float]] = []
     delivered: Counter[str] = Counter()
     async with Stand(workdir, plan) as stand:
@@ -115,10 +123,12 @@ async def main(args: argparse.Namespace) -> int:
                     if t >= next_report:
                         st = await status(client)
                         backlog = {n: st["uplinks"][n]["backlog"] for n in UPLINKS}
-                        print(f"t={t:5.0f}s RSS {samples[-1][1]:6.1f} MiB  captured "
-                              f"{st['store']['captured_total']:>9,}  stored "
-                              f"{st['store']['readings_stored']:>7,}  backlog {backlog}",
-                              flush=True)
+                        print(
+                            f"t={t:5.0f}s RSS {samples[-1][1]:6.1f} MiB  captured "
+                            f"{st['store']['captured_total']:>9,}  stored "
+                            f"{st['store']['readings_stored']:>7,}  backlog {backlog}",
+                            flush=True,
+                        )
                         next_report += args.report_every
                     await asyncio.sleep(args.every)
                 st = await status(client)
@@ -134,35 +144,52 @@ async def main(args: argparse.Namespace) -> int:
     rss = [m for _, m in samples]
     captured = int(st["store"]["captured_total"])
     print()
-    print(f"readings captured: {captured:,} in {duration:.0f} s "
-          f"= {captured / args.site_rate / 3600:.1f} h of the site's rate")
-    print("delivered (emulator side): " + ", ".join(
-        f"{k2} {v:,}" for k2, v in sorted(delivered.items())))
-    print("per uplink (daemon side): " + ", ".join(
-        f"{n} delivered {st['uplinks'][n]['delivered']:,} backlog {st['uplinks'][n]['backlog']}"
-        for n in UPLINKS))
+    print(
+        f"readings captured: {captured:,} in {duration:.0f} s "
+        f"= {captured / args.site_rate / 3600:.1f} h of the site's rate"
+    )
+    print(
+        "delivered (emulator side): "
+        + ", ".join(f"{k2} {v:,}" for k2, v in sorted(delivered.items()))
+    )
+    print(
+        "per uplink (daemon side): "
+        + ", ".join(
+            f"{n} delivered {st['uplinks'][n]['delivered']:,} backlog {st['uplinks'][n]['backlog']}"
+            for n in UPLINKS
+        )
+    )
     print(f"faults injected: {sum(stand.chaos_counts.values())}; daemon exit code {rc}")
-    print(f"daemon RSS ({len(rss)} samples every {args.every:g} s): first {rss[0]:.1f} MiB, "
-          f"last {rss[-1]:.1f} MiB, max {max(rss):.1f} MiB, min after warm-up "
-          f"{min(m for _, m in warm):.1f} MiB")
-    print(f"slope after {args.warmup:g} s warm-up: {k * 3600:+.2f} MiB per hour of wall time = "
-          f"{k * duration:+.2f} MiB per simulated {args.hours:g} h")
+    print(
+        f"daemon RSS ({len(rss)} samples every {args.every:g} s): first {rss[0]:.1f} MiB, "
+        f"last {rss[-1]:.1f} MiB, max {max(rss):.1f} MiB, min after warm-up "
+        f"{min(m for _, m in warm):.1f} MiB"
+    )
+    print(
+        f"slope after {args.warmup:g} s warm-up: {k * 3600:+.2f} MiB per hour of wall time = "
+        f"{k * duration:+.2f} MiB per simulated {args.hours:g} h"
+    )
     half = slope([(t, m) for t, m in samples if t >= duration / 2])
     late = [m for t, m in samples if t >= duration / 2]
-    print(f"second half only ({len(late)} samples, RSS {min(late):.1f}-{max(late):.1f} MiB): "
-          f"{half * 3600:+.2f} MiB per hour of wall time = {half * duration / 2:+.2f} MiB over "
-          f"its simulated {args.hours / 2:g} h")
+    print(
+        f"second half only ({len(late)} samples, RSS {min(late):.1f}-{max(late):.1f} MiB): "
+        f"{half * 3600:+.2f} MiB per hour of wall time = {half * duration / 2:+.2f} MiB over "
+        f"its simulated {args.hours / 2:g} h"
+    )
     return 0
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/memory_soak.py",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bench/memory_soak.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0, help="wall time (default 10)")
     p.add_argument("--site-rate", type=float, default=10.0, help="readings/s of the site")
     p.add_argument("--hours", type=float, default=24.0, help="hours of the site to simulate")
-    p.add_argument("--fault-mean", type=float, default=5.0,
-                   help="mean seconds between injected faults (0: none)")
+    p.add_argument(
+        "--fault-mean",
+        type=float,
+        default=5.0,
+        help="mean seconds between injected faults (0: none)",
+    )
     p.add_argument("--every", type=float, default=2.0, help="RSS sample interval, seconds")
     p.add_argument("--warmup", type=float, default=60.0, help="seconds left out of the slope")
     p.add_argument("--report-every", type=float, default=60.0, help="progress line interval")

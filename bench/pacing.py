@@ -51,10 +51,14 @@ SERIES = ["tank1.level", "pipe1.flow", "junction7.pressure", "pump2.speed"]
 def config(qatium: str, datacooee: str, store: Path, pacing: str) -> str:
     series = "".join(
         f'  [[sources.series]]\n  name = "{s}"\n  waveform = "random_walk"\n'
-        f"  min = 1.0\n  max = 9.0\n" for s in SERIES)
+        f"  min = 1.0\n  max = 9.0\n"
+        for s in SERIES
+    )
     q_routes = "".join(
         f'  [[uplinks.routes]]\n  series = "{s}"\n  asset = "A{i}"\n  metric = "level"\n'
-        f'  unit = "m"\n' for i, s in enumerate(SERIES))
+        f'  unit = "m"\n'
+        for i, s in enumerate(SERIES)
+    )
     # Datacooee takes one reading per request: one series every 2 s against 60 a minute (one
     # every second would be the whole quota less the limiter's margin: a backlog that grows).
     d_routes = '  [[uplinks.routes]]\n  series = "river.temp"\n  input_pk = "senriver"\n'
@@ -113,10 +117,14 @@ async def run_one(pacing: str, seconds: float, warmup: float) -> dict[str, Any]:
         tmp = Path(tempfile.mkdtemp(prefix="fg-pacing-"))
         cfg = tmp / "pacing.toml"
         cfg.write_text(config(qatium.url, datacooee.url, tmp / "q.db", pacing), encoding="utf-8")
-        env = {**os.environ, "BENCH_QATIUM_TOKEN": QATIUM_TOKEN,
-               "BENCH_DATACOOEE_KEY": DATACOOEE_KEY}
+        env = {
+            **os.environ,
+            "BENCH_QATIUM_TOKEN": QATIUM_TOKEN,
+            "BENCH_DATACOOEE_KEY": DATACOOEE_KEY,
+        }
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(cfg), env=env, cwd=ROOT)
+            sys.executable, "-m", "gateway", "run", "--config", str(cfg), env=env, cwd=ROOT
+        )
         start = time.time()
         seen = {"qatium": 0, "datacooee": 0}
         ages: dict[str, list[tuple[int, float]]] = {"qatium": [], "datacooee": []}
@@ -133,7 +141,7 @@ async def run_one(pacing: str, seconds: float, warmup: float) -> dict[str, Any]:
                     await emu.wait_for(lambda: len(texts()) > seen[name], timeout=5)
                 now = time.time()
                 got = texts()
-                for text in got[seen[name]:]:
+                for text in got[seen[name] :]:
                     ts = _ms(text)
                     ages[name].append((ts, now - ts / 1000))
                 seen[name] = len(got)
@@ -157,8 +165,11 @@ async def run_one(pacing: str, seconds: float, warmup: float) -> dict[str, Any]:
         out: dict[str, Any] = {"pacing": pacing, "seconds": seconds}
         for name, emu, limit in (("qatium", qatium, 20), ("datacooee", datacooee, 60)):
             a = sorted(age for ts, age in ages[name] if cutoff <= ts <= end)
-            ok = [r.at for r in emu.requests if r.status is not None and r.status < 300
-                  and r.method == "POST"]
+            ok = [
+                r.at
+                for r in emu.requests
+                if r.status is not None and r.status < 300 and r.method == "POST"
+            ]
             gaps = [b - x for x, b in itertools.pairwise(ok)]
             out[name] = {
                 "quota_per_min": limit,

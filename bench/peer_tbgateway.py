@@ -148,8 +148,15 @@ def ensure_peer(venv_dir: Path) -> Path:
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv_dir)], check=True)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-         *PEER_REQUIREMENTS],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            *PEER_REQUIREMENTS,
+        ],
         check=True,
     )
     stamp.write_text(wanted)
@@ -159,44 +166,88 @@ def ensure_peer(venv_dir: Path) -> Path:
 def _logs_config(log_dir: Path, level: str = "WARNING") -> dict[str, Any]:
     """The gateway's logs.json with every logger at ``level``, files in ``log_dir``."""
     fmt = "%(asctime)s.%(msecs)03d |%(levelname)s| %(name)s %(module)s:%(lineno)d %(message)s"
-    handler_class = ("thingsboard_gateway.tb_utility.tb_rotating_file_handler"
-                     ".TimedRotatingFileHandler")
-    names = ["database", "service", "connector", "converter", "tb_connection", "storage",
-             "extension"]
+    handler_class = (
+        "thingsboard_gateway.tb_utility.tb_rotating_file_handler.TimedRotatingFileHandler"
+    )
+    names = [
+        "database",
+        "service",
+        "connector",
+        "converter",
+        "tb_connection",
+        "storage",
+        "extension",
+    ]
     handlers: dict[str, Any] = {
-        "consoleHandler": {"class": "logging.StreamHandler", "formatter": "LogFormatter",
-                           "level": level, "stream": "ext://sys.stdout"},
+        "consoleHandler": {
+            "class": "logging.StreamHandler",
+            "formatter": "LogFormatter",
+            "level": level,
+            "stream": "ext://sys.stdout",
+        },
     }
     for name in names:
         handlers[f"{name}Handler"] = {
-            "class": handler_class, "formatter": "LogFormatter", "level": level,
-            "filename": str(log_dir / f"{name}.log"), "backupCount": 1, "interval": 3,
-            "when": "D", "maxBytes": 0, "encoding": "utf-8",
+            "class": handler_class,
+            "formatter": "LogFormatter",
+            "level": level,
+            "filename": str(log_dir / f"{name}.log"),
+            "backupCount": 1,
+            "interval": 3,
+            "when": "D",
+            "maxBytes": 0,
+            "encoding": "utf-8",
         }
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"LogFormatter": {"class": "logging.Formatter", "format": fmt,
-                                        "datefmt": "%Y-%m-%d %H:%M:%S"}},
+        "formatters": {
+            "LogFormatter": {
+                "class": "logging.Formatter",
+                "format": fmt,
+                "datefmt": "%Y-%m-%d %H:%M:%S",
+            }
+        },
         "handlers": handlers,
-        "loggers": {name: {"handlers": [f"{name}Handler", "consoleHandler"], "level": level,
-                           "propagate": False} for name in names},
+        "loggers": {
+            name: {
+                "handlers": [f"{name}Handler", "consoleHandler"],
+                "level": level,
+                "propagate": False,
+            }
+            for name in names
+        },
         # Third-party loggers (pymodbus warns "BinaryPayloadDecoder is deprecated" once per
         # decoded register) propagate to root: ERROR, as in the shipped logs.json.
         "root": {"level": "ERROR", "handlers": ["consoleHandler"]},
     }
 
 
-def _slave(unit: int, *, modbus_port: int, registers: int, poll_ms: int,
-           wide_range: bool, report_strategy: str) -> dict[str, Any]:
+def _slave(
+    unit: int,
+    *,
+    modbus_port: int,
+    registers: int,
+    poll_ms: int,
+    wide_range: bool,
+    report_strategy: str,
+) -> dict[str, Any]:
     if wide_range:
-        timeseries: list[dict[str, Any]] = [{
-            "tag": "r${address}", "type": "16uint", "functionCode": 3, "objectsCount": 1,
-            "address": f"0-{registers - 1}", "maxRegistersPerRequest": min(registers, 125),
-        }]
+        timeseries: list[dict[str, Any]] = [
+            {
+                "tag": "r${address}",
+                "type": "16uint",
+                "functionCode": 3,
+                "objectsCount": 1,
+                "address": f"0-{registers - 1}",
+                "maxRegistersPerRequest": min(registers, 125),
+            }
+        ]
     else:
-        timeseries = [{"tag": f"r{i}", "type": "16uint", "functionCode": 3, "objectsCount": 1,
-                       "address": i} for i in range(registers)]
+        timeseries = [
+            {"tag": f"r{i}", "type": "16uint", "functionCode": 3, "objectsCount": 1, "address": i}
+            for i in range(registers)
+        ]
     slave: dict[str, Any] = {
         "deviceName": f"{DEVICE_PREFIX}{unit}",
         "deviceType": "default",
@@ -223,10 +274,19 @@ def _slave(unit: int, *, modbus_port: int, registers: int, poll_ms: int,
     return slave
 
 
-def write_peer_config(workdir: Path, *, modbus_port: int, units: Sequence[int], registers: int,
-                      poll_ms: int, mqtt_port: int, wide_range: bool = True,
-                      max_read_records: int = 1000, report_strategy: str = "ON_RECEIVED",
-                      connectors: int = 1) -> Path:
+def write_peer_config(
+    workdir: Path,
+    *,
+    modbus_port: int,
+    units: Sequence[int],
+    registers: int,
+    poll_ms: int,
+    mqtt_port: int,
+    wide_range: bool = True,
+    max_read_records: int = 1000,
+    report_strategy: str = "ON_RECEIVED",
+    connectors: int = 1,
+) -> Path:
     """Write the peer's whole config dir (``<workdir>/config``) and return it.
 
     Also creates ``<workdir>/data`` (SQLite storage) and ``<workdir>/logs``. Settings and what
@@ -247,9 +307,12 @@ def write_peer_config(workdir: Path, *, modbus_port: int, units: Sequence[int], 
             "remoteShell": False,
             "remoteConfiguration": False,
             "latencyDebugMode": False,
-            "statistics": {"enable": False, "enableCustom": False,
-                           "statsSendPeriodInSeconds": 3600,
-                           "customStatsSendPeriodInSeconds": 3600},
+            "statistics": {
+                "enable": False,
+                "enableCustom": False,
+                "statsSendPeriodInSeconds": 3600,
+                "customStatsSendPeriodInSeconds": 3600,
+            },
             "deviceFiltering": {"enable": False},
             "maxPayloadSizeBytes": 65536,
             "minPackSendDelayMS": 50,
@@ -287,15 +350,24 @@ def write_peer_config(workdir: Path, *, modbus_port: int, units: Sequence[int], 
     n = max(1, min(connectors, len(units)))
     for i in range(n):
         name, file = ("Modbus", "modbus.json") if n == 1 else (f"Modbus{i}", f"modbus{i}.json")
-        block = units[i * len(units) // n:(i + 1) * len(units) // n]
+        block = units[i * len(units) // n : (i + 1) * len(units) // n]
         modbus: dict[str, Any] = {
             "name": name,
             "logLevel": "WARNING",
             "enableRemoteLogging": False,
-            "master": {"slaves": [
-                _slave(u, modbus_port=modbus_port, registers=registers, poll_ms=poll_ms,
-                       wide_range=wide_range, report_strategy=report_strategy) for u in block
-            ]},
+            "master": {
+                "slaves": [
+                    _slave(
+                        u,
+                        modbus_port=modbus_port,
+                        registers=registers,
+                        poll_ms=poll_ms,
+                        wide_range=wide_range,
+                        report_strategy=report_strategy,
+                    )
+                    for u in block
+                ]
+            },
         }
         if report_strategy != "DISABLED":
             modbus["reportStrategy"] = {"type": report_strategy}
@@ -326,8 +398,12 @@ def start_peer(python: Path, config_dir: Path, log_path: Path) -> subprocess.Pop
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [str(python), "-m", "thingsboard_gateway.tb_gateway"],
-            cwd=config_dir.parent, env=env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=config_dir.parent,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -397,8 +473,9 @@ def session_limits_reply(topic: str, payload: bytes) -> tuple[str, bytes] | None
     return None
 
 
-async def serve_thingsboard_stub(mqtt_port: int, host: str = "127.0.0.1",
-                                 ready: asyncio.Event | None = None) -> None:
+async def serve_thingsboard_stub(
+    mqtt_port: int, host: str = "127.0.0.1", ready: asyncio.Event | None = None
+) -> None:
     """Answer the peer's requests to ThingsBoard (:func:`session_limits_reply`) until cancelled.
 
     Start it before (or right after) the peer: the peer sends nothing until it is answered.

@@ -123,15 +123,19 @@ class Outcome:
 
     def lost_from_kill(self) -> list[int]:
         """Where the lost alive lines were: 1 is the last line written before its kill."""
-        return sorted(r.alive_to - n for r in self.runs if r.killed
-                      for n in range(r.alive_from, r.alive_to) if n not in self.stored)
+        return sorted(
+            r.alive_to - n
+            for r in self.runs
+            if r.killed
+            for n in range(r.alive_from, r.alive_to)
+            if n not in self.stored
+        )
 
     def alive_lines(self, *, killed: bool) -> int:
         return sum(r.alive_to - r.alive_from for r in self.runs if r.killed == killed)
 
     def final_lost(self) -> int:
-        return sum(self.lost_in(range(r.alive_from, r.alive_to)) for r in self.runs
-                   if not r.killed)
+        return sum(self.lost_in(range(r.alive_from, r.alive_to)) for r in self.runs if not r.killed)
 
 
 class Writer:
@@ -179,15 +183,24 @@ class ChildDaemon(Daemon):
     async def start(self) -> None:
         head = ["-c", PROMPT_SHIM] if self.shim else ["-m", "gateway"]
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, *head, "run", "--config", str(self.config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self.env,
+            sys.executable,
+            *head,
+            "run",
+            "--config",
+            str(self.config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self.env,
         )
         self._reader = asyncio.create_task(self._read(), name="daemon-reader")
 
 
 def render(mode: Mode, db: Path, port: Path, prompt_via: str) -> str:
-    interval = ("" if mode.commit_interval_ms is None
-                else f"commit_interval_ms = {mode.commit_interval_ms}\n")
+    interval = (
+        ""
+        if mode.commit_interval_ms is None
+        else f"commit_interval_ms = {mode.commit_interval_ms}\n"
+    )
     commit = ""
     if prompt_via == "config":
         commit = f'commit = "{"prompt" if mode.prompt else "grouped"}"\n'
@@ -240,7 +253,8 @@ def line_stored(db: Path, n: int) -> bool:
         try:
             row = con.execute(
                 "SELECT 1 FROM readings r JOIN series s ON s.id = r.series "
-                "WHERE s.name = ? AND r.value = ?", (SERIES, float(n)),
+                "WHERE s.name = ? AND r.value = ?",
+                (SERIES, float(n)),
             ).fetchone()
         finally:
             con.close()
@@ -255,7 +269,9 @@ def pty_pair(workdir: Path) -> Iterator[tuple[Path, Path]]:
     logger_end, daemon_end = workdir / "ttyLOGGER", workdir / "ttyGATEWAY"
     proc = subprocess.Popen(
         ["socat", f"pty,raw,echo=0,link={logger_end}", f"pty,raw,echo=0,link={daemon_end}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 5
@@ -269,8 +285,15 @@ def pty_pair(workdir: Path) -> Iterator[tuple[Path, Path]]:
         proc.wait(timeout=5)
 
 
-async def run_mode(mode: Mode, args: argparse.Namespace, *, workdir: Path, budget_s: float,
-                   rng: random.Random, say: Callable[[str], None]) -> Outcome:
+async def run_mode(
+    mode: Mode,
+    args: argparse.Namespace,
+    *,
+    workdir: Path,
+    budget_s: float,
+    rng: random.Random,
+    say: Callable[[str], None],
+) -> Outcome:
     out = Outcome(mode)
     mdir = workdir / mode.name.replace(":", "-")
     mdir.mkdir(parents=True, exist_ok=True)
@@ -295,14 +318,16 @@ async def run_mode(mode: Mode, args: argparse.Namespace, *, workdir: Path, budge
                 except (AssertionError, TimeoutError):
                     await daemon.aclose()
                     raise RuntimeError(
-                        f"daemon did not open the port: {daemon.raw[-10:]}") from None
+                        f"daemon did not open the port: {daemon.raw[-10:]}"
+                    ) from None
                 run = Run(alive_from=writer.next)
                 out.down.append(range(down_from, run.alive_from))
                 out.runs.append(run)
                 elapsed = time.monotonic() - started
                 kills_done = sum(1 for r in out.runs[:-1] if r.killed)
                 last = elapsed + args.alive[1] + 3 > budget_s or (
-                    args.kills is not None and kills_done >= args.kills)
+                    args.kills is not None and kills_done >= args.kills
+                )
                 if not last:
                     await asyncio.sleep(rng.uniform(*args.alive))  # a random moment to kill at
                     daemon.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
@@ -327,8 +352,10 @@ async def run_mode(mode: Mode, args: argparse.Namespace, *, workdir: Path, budge
     out.unwritten = writer.unwritten
     out.stored = stored_lines(db)
     out.seconds = time.monotonic() - started
-    say(f"  {mode.name}: {len(out.per_kill())} kills in {out.seconds:.0f} s, "
-        f"{out.written} lines written")
+    say(
+        f"  {mode.name}: {len(out.per_kill())} kills in {out.seconds:.0f} s, "
+        f"{out.written} lines written"
+    )
     return out
 
 
@@ -380,14 +407,24 @@ async def main(args: argparse.Namespace) -> int:
     modes = parse_modes(args)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fg-serkill-"))
     rng = random.Random(args.seed)
-    print(f"serial_kill: modes {', '.join(m.name for m in modes)}; {args.rate:g} lines/s; "
-          f"{args.seconds:g} s budget; seed {args.seed}; workdir {workdir}", flush=True)
+    print(
+        f"serial_kill: modes {', '.join(m.name for m in modes)}; {args.rate:g} lines/s; "
+        f"{args.seconds:g} s budget; seed {args.seed}; workdir {workdir}",
+        flush=True,
+    )
     outcomes = []
     for mode in modes:
         try:
-            outcomes.append(await run_mode(
-                mode, args, workdir=workdir, budget_s=args.seconds / len(modes), rng=rng,
-                say=lambda line: print(line, flush=True)))
+            outcomes.append(
+                await run_mode(
+                    mode,
+                    args,
+                    workdir=workdir,
+                    budget_s=args.seconds / len(modes),
+                    rng=rng,
+                    say=lambda line: print(line, flush=True),
+                )
+            )
         except RuntimeError as exc:
             print(f"error in mode {mode.name}: {exc}", file=sys.stderr)
             return 2
@@ -402,23 +439,43 @@ async def main(args: argparse.Namespace) -> int:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/serial_kill.py",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bench/serial_kill.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=60.0, help="time budget, all modes (60)")
     p.add_argument("--rate", type=float, default=5.0, help="lines per second (5)")
     p.add_argument("--kills", type=int, default=None, help="kills per mode (default: budget)")
-    p.add_argument("--alive", type=float, nargs=2, default=(0.5, 2.5), metavar=("MIN", "MAX"),
-                   help="kill this long after the port opened, uniform (0.5 2.5 s)")
+    p.add_argument(
+        "--alive",
+        type=float,
+        nargs=2,
+        default=(0.5, 2.5),
+        metavar=("MIN", "MAX"),
+        help="kill this long after the port opened, uniform (0.5 2.5 s)",
+    )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--modes", default="grouped,prompt",
-                   help="comma-separated: grouped, prompt, interval:N (grouped,prompt)")
-    p.add_argument("--prompt", action=argparse.BooleanOptionalAction, default=None,
-                   help="one mode only: prompt (--prompt) or grouped (--no-prompt)")
-    p.add_argument("--prompt-via", choices=["shim", "config"], default="shim",
-                   help="shim: wrap Store.ingest in the child (works today); config: "
-                        'commit = "prompt"/"grouped" in the source (needs the app.py wiring)')
-    p.add_argument("--commit-interval-ms", type=int, default=None,
-                   help="[store] commit_interval_ms for grouped and prompt modes")
+    p.add_argument(
+        "--modes",
+        default="grouped,prompt",
+        help="comma-separated: grouped, prompt, interval:N (grouped,prompt)",
+    )
+    p.add_argument(
+        "--prompt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one mode only: prompt (--prompt) or grouped (--no-prompt)",
+    )
+    p.add_argument(
+        "--prompt-via",
+        choices=["shim", "config"],
+        default="shim",
+        help="shim: wrap Store.ingest in the child (works today); config: "
+        'commit = "prompt"/"grouped" in the source (needs the app.py wiring)',
+    )
+    p.add_argument(
+        "--commit-interval-ms",
+        type=int,
+        default=None,
+        help="[store] commit_interval_ms for grouped and prompt modes",
+    )
     p.add_argument("--workdir", default=None)
     return p.parse_args(argv)
 

@@ -37,8 +37,11 @@ def rss_over_time(report: Report, bucket_s: float) -> list[str]:
         mib = s.rss / 2**20
         if k not in buckets or mib > buckets[k][0]:
             buckets[k] = (mib, s.run)
-    return [f"  t={k * bucket_s:>5.0f}-{(k + 1) * bucket_s:<5.0f}s  run {run:>3}  "
-            f"max RSS {mib:6.1f} MiB" for k, (mib, run) in sorted(buckets.items())]
+    return [
+        f"  t={k * bucket_s:>5.0f}-{(k + 1) * bucket_s:<5.0f}s  run {run:>3}  "
+        f"max RSS {mib:6.1f} MiB"
+        for k, (mib, run) in sorted(buckets.items())
+    ]
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -71,14 +74,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/soak.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=50, help="SIGKILLs (default 50)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--drain-every", type=int, default=10,
-                   help="every Nth cycle drains the store empty before the kill (0: never)")
-    p.add_argument("--fault-mean", type=float, default=1.0,
-                   help="mean seconds between injected faults")
-    p.add_argument("--kill-wait", type=float, default=12.0,
-                   help="longest wait for a chosen kill moment, seconds")
-    p.add_argument("--minutes", type=float, default=0.0,
-                   help="stop the kill loop after this long (0: run all kills)")
+    p.add_argument(
+        "--drain-every",
+        type=int,
+        default=10,
+        help="every Nth cycle drains the store empty before the kill (0: never)",
+    )
+    p.add_argument(
+        "--fault-mean", type=float, default=1.0, help="mean seconds between injected faults"
+    )
+    p.add_argument(
+        "--kill-wait",
+        type=float,
+        default=12.0,
+        help="longest wait for a chosen kill moment, seconds",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="stop the kill loop after this long (0: run all kills)",
+    )
     p.add_argument("--rss-every", type=float, default=1.0, help="RSS sample interval, seconds")
     p.add_argument("--rss-bucket", type=float, default=30.0, help="RSS report granularity")
     p.add_argument("--workdir", help="keep everything here (default: a new temporary directory)")

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from gateway.config import DEFAULT_CONFIG_PATH, EX_CONFIG, LoadedConfig, load_config
 from gateway.errors import ConfigError, FieldgateError, StoreUnusable
-
-if TYPE_CHECKING:
-    from gateway.sources.modbus import ProbeReport
 
 #: The store cannot be used as it is (another fieldgate holds it, permissions, read-only disk):
 #: EX_CANTCREAT. The systemd unit does not restart on it.
@@ -88,48 +86,48 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 async def _probe(loaded: LoadedConfig) -> int:
-    """One real read of each device that supports probing; prints a line per device.
+    """One real check of each source and uplink that can be probed; prints what it found.
 
-    A source type supports probing when its module has ``probe_report(cfg, base_dir)``, which
-    returns a ``ProbeReport`` (see gateway/sources/modbus.py): the lines to print and each device
-    that failed. Every failure (a device that cannot be reached, does not answer, answers with
-    an exception or garbage; a probe that raised; a Vanda examination-type table that could not
-    be fetched) is listed on stderr at the end, and makes the exit code 1. Sources with nothing
-    to probe are not failures.
+    A plugin can be probed when it implements :class:`gateway.probe.Probes` (Modbus sources read
+    each device once; Vanda compares the service's examination-type table with the built-in
+    one). Every failure (a device that cannot be reached, does not answer, answers with an
+    exception or garbage; a probe that raised) is listed on stderr at the end and makes the
+    exit code 1. Plugins with nothing to probe say so and are not failures.
     """
-    failures: list[str] = []
-    for src in loaded.settings.sources:
-        probe = getattr(_source_module(src.type), "probe_report", None)
-        if probe is None:
-            print(f"{src.name}: nothing to probe for type {src.type!r}")
-            continue
-        base = loaded.path.parent if loaded.path else Path.cwd()
-        try:
-            report: ProbeReport = await probe(src, base)
-        except FieldgateError as exc:
-            failures.append(f"{src.name} (probe failed: {exc})")
-            print(f"{src.name}: probe failed: {exc}")
-            continue
-        for line in report.lines:
-            print(f"{src.name}: {line}")
-        failures.extend(f"{src.name}/{f.name} ({f.reason})" for f in report.failures)
-    for i, up in enumerate(loaded.settings.uplinks):
-        if up.type != "vanda":
-            continue
-        from gateway.uplinks.vanda import probe_examination_types
+    from gateway.probe import Probes
+    from gateway.sources.base import Source
+    from gateway.sources.position import PositionBoard
+    from gateway.sources.registry import build_source
+    from gateway.uplinks.base import Uplink
+    from gateway.uplinks.registry import build_uplink
 
+    base = loaded.path.parent if loaded.path else Path.cwd()
+    positions = PositionBoard()
+    failures: list[str] = []
+    plugins: list[tuple[str, str, Source | Uplink]] = [
+        *(
+            (s.name, s.type, build_source(s, base_dir=base, positions=positions))
+            for s in loaded.settings.sources
+        ),
+        *((u.name, u.type, build_uplink(u)) for u in loaded.settings.uplinks),
+    ]
+    for name, kind, plugin in plugins:
         try:
-            lines = await probe_examination_types(
-                up,
-                loaded.secret(f"uplinks[{i}].client_id"),
-                loaded.secret(f"uplinks[{i}].client_secret"),
-            )
-        except FieldgateError as exc:
-            failures.append(f"{up.name} (probe failed: {exc})")
-            print(f"{up.name}: probe failed: {exc}")
-            continue
-        for line in lines or ["examination types match the built-in table"]:
-            print(f"{up.name}: {line}")
+            if not isinstance(plugin, Probes):
+                print(f"{name}: nothing to probe for type {kind!r}")
+                continue
+            try:
+                report = await plugin.probe()
+            except FieldgateError as exc:
+                failures.append(f"{name} (probe failed: {exc})")
+                print(f"{name}: probe failed: {exc}")
+                continue
+        finally:
+            with contextlib.suppress(Exception):
+                await plugin.aclose()
+        for line in report.lines:
+            print(f"{name}: {line}")
+        failures.extend(f"{name}/{f.name} ({f.reason})" for f in report.failures)
     if not failures:
         return 0
     print(f"probe: {len(failures)} failed: {', '.join(failures)}", file=sys.stderr)
@@ -138,33 +136,34 @@ async def _probe(loaded: LoadedConfig) -> int:
 
 def cmd_check_uplink(args: argparse.Namespace) -> int:
     """Prove an uplink's mapping and credentials without storing data, where the service can."""
+    from gateway.uplinks.base import ChecksUplink
+    from gateway.uplinks.registry import build_uplink
+
     loaded = _load(_config_path(args.config))
     try:
         cfg = loaded.settings.uplink(args.uplink)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    index = loaded.settings.uplinks.index(cfg)
-    if cfg.type == "nilu":
-        from gateway.uplinks.nilu import pushtest
 
-        lines = asyncio.run(pushtest(cfg, loaded.secret(f"uplinks[{index}].token")))
-    else:
-        print(f"{cfg.name}: the {cfg.type} service offers no test that stores nothing; "
-              "use `fieldgate check-config --probe` or watch /status after start", file=sys.stderr)
+    async def check() -> list[str] | None:
+        uplink = build_uplink(cfg)
+        try:
+            return await uplink.check_uplink() if isinstance(uplink, ChecksUplink) else None
+        finally:
+            await uplink.aclose()
+
+    lines = asyncio.run(check())
+    if lines is None:
+        print(
+            f"{cfg.name}: the {cfg.type} service offers no test that stores nothing; "
+            "use `fieldgate check-config --probe` or watch /status after start",
+            file=sys.stderr,
+        )
         return 2
     for line in lines:
         print(line)
     return 1 if any(line.startswith("FAIL") for line in lines) else 0
-
-
-def _source_module(kind: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(f"gateway.sources.{kind}")
-    except ImportError:
-        return None
 
 
 def _open_store_readonly(loaded: LoadedConfig) -> Any:

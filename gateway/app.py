@@ -23,24 +23,26 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.clock import Clock
-from gateway.config import LoadedConfig, SourceConfig, UplinkConfig
+from gateway.config import LoadedConfig
 from gateway.errors import StoreCorrupt
 from gateway.models import Position, Reading
 from gateway.sources.base import Emit, Source
 from gateway.sources.position import PositionBoard, positioned_emit
+from gateway.sources.registry import build_source
+from gateway.sources.serial.config import NmeaConfig
 from gateway.store import Store
 from gateway.systemd import Notifier, watchdog_interval
-from gateway.uplinks.base import Uplink
 from gateway.uplinks.dispatch import UplinkRunner
+from gateway.uplinks.registry import build_uplink
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when enabled (see Gateway.run): aiohttp weighs ~10 MiB of RSS
     from gateway.health import HealthServer
 
 log = structlog.get_logger(__name__)
@@ -55,71 +57,6 @@ class TaskInfo:
     restarts: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
-
-
-def build_source(cfg: SourceConfig, loaded: LoadedConfig, positions: PositionBoard) -> Source:
-    """The config's discriminated union is the registry: one case per source type. Imports are
-    per case so a gateway loads only the drivers its config uses."""
-    match cfg.type:
-        case "synthetic":
-            from gateway.sources.synthetic import SyntheticSource
-
-            return SyntheticSource(cfg)
-        case "serial_lines":
-            from gateway.sources.serial import SerialLinesSource
-
-            return SerialLinesSource(cfg)
-        case "nmea":
-            from gateway.sources.nmea import NmeaSource
-
-            return NmeaSource(cfg, positions)
-        case "sdi12":
-            from gateway.sources.sdi12 import Sdi12Source
-
-            return Sdi12Source(cfg)
-        case "modbus":
-            from gateway.sources.modbus import ModbusSource
-
-            return ModbusSource(cfg, loaded.path.parent if loaded.path else Path.cwd())
-        case _:
-            assert_never(cfg.type)
-
-
-def build_uplink(index: int, cfg: UplinkConfig, loaded: LoadedConfig) -> Uplink:
-    match cfg.type:
-        case "qatium":
-            from gateway.uplinks.qatium import QatiumUplink
-
-            return QatiumUplink(cfg, loaded.secret(f"uplinks[{index}].token"))
-        case "nilu":
-            from gateway.uplinks.nilu import NiluUplink
-
-            return NiluUplink(cfg, loaded.secret(f"uplinks[{index}].token"))
-        case "energydata":
-            from gateway.uplinks.energydata import EnergydataUplink
-
-            key = f"uplinks[{index}]"
-            backfill = cfg.backfill
-            imp = (
-                loaded.secret(f"{key}.backfill.token")
-                if backfill is not None and backfill.token is not None
-                else None
-            )
-            return EnergydataUplink(cfg, loaded.secret(f"{key}.token"), imp)
-        case "datacooee":
-            from gateway.uplinks.datacooee import DatacooeeUplink
-
-            return DatacooeeUplink(cfg, loaded.secret(f"uplinks[{index}].api_key"))
-        case "vanda":
-            from gateway.uplinks.vanda import VandaUplink
-
-            return VandaUplink(
-                cfg,
-                loaded.secret(f"uplinks[{index}].client_id"),
-                loaded.secret(f"uplinks[{index}].client_secret"),
-            )
-        case _:
-            assert_never(cfg.type)
 
 
 class Gateway:
@@ -164,16 +101,19 @@ class Gateway:
         try:
             await self.clock.start(store)  # before any source runs: it stamps every reading
             source_cfgs = [s for s in self.cfg.sources if s.enabled]
-            self.sources = [build_source(s, self.loaded, self.positions) for s in source_cfgs]
+            base_dir = self.loaded.path.parent if self.loaded.path else Path.cwd()
+            self.sources = [
+                build_source(s, base_dir=base_dir, positions=self.positions) for s in source_cfgs
+            ]
             self._source_cfgs = {s.name: s for s in source_cfgs}
-            uplinks = [build_uplink(i, u, self.loaded) for i, u in uplink_cfgs]
+            uplinks = [build_uplink(u) for _, u in uplink_cfgs]
             self.runners = [
                 UplinkRunner(up, cfg, store, self.clock)
                 for up, (_, cfg) in zip(uplinks, uplink_cfgs, strict=True)
             ]
             if self.cfg.health.enabled:
                 # Imported only when enabled: aiohttp and prometheus-client weigh ~15 MiB of RSS.
-                from gateway.health import HealthServer
+                from gateway.health import HealthServer  # noqa: PLC0415
 
                 self.health_server = HealthServer(self.cfg.health, self)
                 try:
@@ -278,10 +218,17 @@ class Gateway:
 
         p = cfg.position
         fixed = Position(p.lat, p.lon, p.alt) if p is not None else None
-        if cfg.type == "synthetic":
-            fixed = None  # the synthetic source stamps its fixed position itself
-        gps = next((s for s in self.cfg.sources if s.name == cfg.position_from), None)
-        max_age = getattr(gps, "max_fix_age_s", 10.0)
+        if cfg.stamps_own_position:
+            fixed = None  # e.g. the synthetic source stamps its fixed position itself
+        gps = next(
+            (
+                s
+                for s in self.cfg.sources
+                if isinstance(s, NmeaConfig) and s.name == cfg.position_from
+            ),
+            None,
+        )
+        max_age = gps.max_fix_age_s if gps is not None else 10.0
         return positioned_emit(
             emit, self.positions, position_from=cfg.position_from, fixed=fixed, max_age_s=max_age
         )

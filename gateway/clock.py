@@ -98,15 +98,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
 from gateway.configbase import ClockConfig
 from gateway.models import Quality, Reading, StoredReading
-
-if TYPE_CHECKING:
-    from gateway.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -133,6 +130,25 @@ REPAIRED = int(Quality.CLOCK_REPAIRED)
 CLOCK, FRAME, OWN = 0, 1, 2
 
 _BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+class ClockStore(Protocol):
+    """What the clock uses of the store (``gateway.store.Store`` provides it): its meta table,
+    the id the next ingested reading gets, and the repair of unsynchronised readings."""
+
+    async def load_meta(self, key: str) -> Any: ...
+
+    async def save_meta(self, key: str, value: Any) -> None: ...
+
+    def next_id(self) -> int: ...
+
+    async def count_unsynced(self) -> int: ...
+
+    async def repair_unsynced(
+        self, first_id: int, upto: int, delta_ms: int, meta: tuple[str, Any] | None = None
+    ) -> int: ...
+
+    async def release_holds(self) -> None: ...
 
 
 def boottime_ns() -> int:
@@ -270,7 +286,7 @@ class Clock:
         self.source = "unknown"
         #: The previous look said synchronised and no step was seen since (confirms a sync).
         self._ok_before = False
-        self._store: Store | None = None
+        self._store: ClockStore | None = None
         self._boot: str | None = None
         #: Readings of this boot have ids from here on (None: not attached to a store).
         self.first_id: int | None = None
@@ -365,7 +381,7 @@ class Clock:
     # ------------------------------------------------------------------------------------------
     # Running
 
-    async def start(self, store: Store) -> None:
+    async def start(self, store: ClockStore) -> None:
         """Attach to ``store`` (before any reading is stamped): resume this boot's reference
         frame from the store, or begin one; repair what an earlier run left if synchronised."""
         self._store = store

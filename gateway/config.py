@@ -15,10 +15,10 @@ inline table naming where the value lives::
 Values are resolved when the file is loaded (a missing file or variable is a config error), wrapped
 in :class:`Secret` (whose repr and str are masked) and registered with the log redaction net.
 
-Plugins (sources, uplinks) declare their own config models in their own modules; the ``type``
-field is the discriminator and the unions below are the registry. Plugin modules keep their heavy
-imports (httpx, pymodbus, pyserial, aiomqtt) out of module level so that loading the config imports
-only pydantic.
+Each plugin family keeps its config model in its own folder's ``config.py`` (e.g.
+``gateway/uplinks/vanda/config.py``); the ``type`` field is the discriminator and the unions below
+list the types. Those modules import no transport library, so loading a config imports only
+pydantic: a test proves ``import gateway.config`` loads none of httpx, aiomqtt, pymodbus, serial.
 """
 
 from __future__ import annotations
@@ -50,22 +50,19 @@ from gateway.configbase import (  # re-exported: the config API in one place
     SourceConfigBase,
     StoreConfig,
     Strict,
-    SyntheticSeries,
-    SyntheticSourceConfig,
     UplinkConfigBase,
     world_readable,
 )
 from gateway.errors import ConfigError
 from gateway.routes import compile_pattern, is_pattern
-from gateway.sources.modbus_config import PROFILE_BASE_DIR, ModbusSourceConfig
-from gateway.sources.nmea import NmeaConfig
-from gateway.sources.sdi12 import Sdi12Config
-from gateway.sources.serial import SerialLinesConfig
-from gateway.uplinks.datacooee import DatacooeeConfig
-from gateway.uplinks.energydata import EnergydataConfig
-from gateway.uplinks.nilu import NiluConfig
-from gateway.uplinks.qatium import QatiumConfig
-from gateway.uplinks.vanda import VandaConfig
+from gateway.sources.modbus.config import PROFILE_BASE_DIR, ModbusSourceConfig
+from gateway.sources.serial.config import NmeaConfig, Sdi12Config, SerialLinesConfig
+from gateway.sources.synthetic.config import SyntheticSeries, SyntheticSourceConfig
+from gateway.uplinks.datacooee.config import DatacooeeConfig
+from gateway.uplinks.energydata.config import EnergydataConfig
+from gateway.uplinks.nilu.config import NiluConfig
+from gateway.uplinks.qatium.config import QatiumConfig
+from gateway.uplinks.vanda.config import VandaConfig
 
 __all__ = [
     "KNOWN_SECRETS",
@@ -257,6 +254,7 @@ def _resolve_secrets(
     for tpath, ref in _walk_secret_refs(settings, ""):
         try:
             out[tpath] = ref.resolve()
+            ref.bind(out[tpath])
         except ValueError as exc:
             problems.append((_with_line(tpath, text), str(exc)))
             continue
@@ -269,7 +267,7 @@ def _resolve_secrets(
 
 def _cross_checks(settings: Settings, text: str, warnings: list[str]) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    gps = {s.name for s in settings.sources if s.type == "nmea"}
+    gps = {s.name for s in settings.sources if isinstance(s, NmeaConfig)}
     for si, src in enumerate(settings.sources):
         if src.position_from is not None and src.position_from not in gps:
             tpath = f"sources[{si}].position_from"

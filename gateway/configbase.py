@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from gateway.routes import is_pattern
 
@@ -66,6 +66,29 @@ class SecretRef(Strict):
     env: str | None = None
     value: str | None = Field(default=None, repr=False)
     plain_text: bool = False
+    #: The value, once the config loader resolved it (:meth:`bind`); never part of the model's
+    #: fields, repr or dump.
+    _resolved: Secret | None = PrivateAttr(default=None)
+
+    def bind(self, secret: Secret) -> None:
+        """Keep the value the loader resolved, for the plugin built from this config."""
+        self._resolved = secret
+
+    def secret(self) -> Secret:
+        """The resolved value. Plugins get their secrets here (gateway/*/registry.py)."""
+        if self._resolved is None:
+            raise LookupError(f"secret {self.where()} was not resolved when the config was loaded")
+        return self._resolved
+
+    def where(self) -> str:
+        """Where the value lives (never the value)."""
+        if self.credential is not None:
+            return f"credential {self.credential!r}"
+        if self.file is not None:
+            return f"file {self.file}"
+        if self.env is not None:
+            return f"env {self.env}"
+        return "plain text in config"
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
@@ -236,49 +259,12 @@ class SourceConfigBase(Strict):
     #: then loses only what is still in transit.
     commit: Literal["prompt", "grouped"] = "grouped"
 
+    #: The plugin attaches ``position`` to its readings itself (the app does not).
+    stamps_own_position: ClassVar[bool] = False
+
     def series_names(self) -> Iterable[str] | None:
         """The series this source produces, when known from config (None: found at run time)."""
         return None
-
-
-class SyntheticSeries(Strict):
-    name: str = Field(min_length=1, max_length=200)
-    waveform: Literal["sine", "random_walk", "sawtooth", "counter", "constant", "square"] = "sine"
-    min: float = 0.0
-    max: float = 1.0
-    period_s: float = Field(default=600.0, gt=0)
-    #: Largest step of a random walk, as a fraction of (max - min).
-    step: float = Field(default=0.02, gt=0, le=1)
-    decimals: int | None = Field(default=3, ge=0, le=12)
-
-    @model_validator(mode="after")
-    def _range(self) -> SyntheticSeries:
-        if self.max < self.min:
-            raise ValueError("max must not be below min")
-        return self
-
-
-class SyntheticSourceConfig(SourceConfigBase):
-    """A generator of plausible values, for the demo and benchmarks."""
-
-    type: Literal["synthetic"]
-    interval_s: float = Field(default=1.0, gt=0)
-    series: list[SyntheticSeries] = Field(min_length=1)
-    #: Replicate every series N times (name suffixed ``.1`` .. ``.N``), for load tests.
-    replicas: int = Field(default=1, ge=1, le=100_000)
-    seed: int | None = None
-
-    def series_names(self) -> Iterable[str]:
-        for s in self.series:
-            if self.replicas == 1:
-                yield s.name
-            else:
-                for i in range(1, self.replicas + 1):
-                    yield f"{s.name}.{i}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Uplinks
 
 
 class RouteBase(Strict):
@@ -341,9 +327,12 @@ class UplinkConfigBase(Strict):
     #: only plugins whose identifiers can be templated per series (Energydata's topic suffix).
     route_patterns: ClassVar[bool] = False
 
+    #: Which series go to this uplink and how (each plugin narrows the route model).
+    routes: Sequence[RouteBase] = ()
+
     @model_validator(mode="after")
     def _unique_series(self) -> UplinkConfigBase:
-        routes: list[RouteBase] = getattr(self, "routes", [])
+        routes = self.routes
         seen: set[str] = set()
         dups = sorted({r.series for r in routes if r.series in seen or seen.add(r.series)})  # type: ignore[func-returns-value]
         if dups:
@@ -353,12 +342,13 @@ class UplinkConfigBase(Strict):
             if patterns:
                 raise ValueError(
                     f"series patterns ({', '.join(patterns[:3])}) are not supported by this "
-                    "uplink: each route names one series (patterns: energydata routes)")
+                    "uplink: each route names one series (patterns: energydata routes)"
+                )
         return self
 
     def routed_series(self) -> list[str]:
         """The routes' ``series``: names and patterns (the store's routing takes both)."""
-        return [r.series for r in getattr(self, "routes", [])]
+        return [r.series for r in self.routes]
 
     def series_problems(self, produced: Iterable[str]) -> list[tuple[str, str]]:
         """(TOML path under this uplink, message) for what routing the series the sources

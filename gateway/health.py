@@ -193,9 +193,9 @@ class HealthServer:
             await runner.cleanup()
             raise
         self._runner = runner
-        server = site._server  # aiohttp exposes the bound port only here
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.cfg.port
+        # The bound addresses (host, port[, flowinfo, scope_id]): with port 0, the one chosen.
+        addresses = runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self.cfg.port
         log.info("health_listening", url=f"http://{self.cfg.host}:{self.port}/status")
         return self.port
 

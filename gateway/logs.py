@@ -53,29 +53,92 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
+#: Libraries that report at INFO/DEBUG what we already log as events (httpx: one line per
+#: request; httpcore, aiosqlite, paho via aiomqtt's "mqtt" logger: wire-level chatter). They keep
+#: WARNING and above unless the configured level is DEBUG.
+_NOISY_LIBRARIES = (
+    "aiohttp",
+    "aiosqlite",
+    "anyio",
+    "httpcore",
+    "httpx",
+    "mqtt",
+    "paho",
+)
+
+
+class _StreamHandler(logging.Handler):
+    """Root handler for stdlib records, written through structlog's :class:`PrintLogger`.
+
+    Same stream and same per-stream write lock as structlog's own events, so a record logged from
+    a thread (an executor, aiosqlite) never splits a structlog line in two.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self._out = structlog.PrintLogger(stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._out.msg(self.format(record))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def setup(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """Configure structlog, and route the stdlib root logger through the same processor chain.
+
+    A record from a library (aiohttp, aiomqtt, httpx, asyncio's "exception was never retrieved")
+    comes out in the same format as a structlog event, with ``logger`` naming its origin, and
+    passes :func:`redact`. Calling again replaces the handler installed before.
+    """
     stream = stream or sys.stdout
-    # pymodbus logs every fault the Modbus source already reports as a structured event, with
-    # raw frames appended: keep only its criticals.
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    threshold = logging.getLevelNamesMapping()[level.upper()]
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    # Exceptions are rendered to text before redaction so a secret in a traceback is masked too.
+    tail: list[Any] = [structlog.processors.format_exc_info, redact, renderer]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            redact,
-            renderer,
+            timestamper,
+            *tail,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+    handler = _StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.stdlib.add_logger_name,
+                timestamper,
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StreamHandler)]:
+        root.removeHandler(old)
+        old.close()  # unregisters it from logging; the stream stays open (not ours)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    for name in _NOISY_LIBRARIES:
+        logging.getLogger(name).setLevel(
+            logging.NOTSET if threshold <= logging.DEBUG else max(threshold, logging.WARNING)
+        )
+    # pymodbus logs every fault the Modbus source already reports as a structured event, with
+    # raw frames appended: keep only its criticals, at any level.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)

@@ -49,8 +49,10 @@ def template_problem(template: str, pattern: str) -> str | None:
     stars = pattern.count(WILDCARD)
     names = _PLACEHOLDER.findall(template)
     if names and not stars:
-        return (f"placeholder {{{names[0]}}} in the route of one series (placeholders need "
-                "a * in series)")
+        return (
+            f"placeholder {{{names[0]}}} in the route of one series (placeholders need "
+            "a * in series)"
+        )
     for name in names:
         if name == "series" or (name.isdigit() and 1 <= int(name) <= stars):
             continue

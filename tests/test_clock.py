@@ -240,8 +240,11 @@ def scripts(draw: st.DrawFn) -> list[tuple[str, int]]:
 )
 # Found by hypothesis: a reading, a sync, a step back, then one more reading (the first one's
 # repaired time must be the one the second is compared with).
-@example(script=[("emit", 1), ("sync", 1), ("step", -1), ("look", 0), ("look", 0), ("emit", 1)],
-         start=REAL - 30 * DAY, synced=False)
+@example(
+    script=[("emit", 1), ("sync", 1), ("step", -1), ("look", 0), ("look", 0), ("emit", 1)],
+    start=REAL - 30 * DAY,
+    synced=False,
+)
 # A step back by days while synchronised: still bumped, within the bound.
 @example(script=[("emit", 1), ("step", -2 * DAY), ("emit", 1)], start=REAL, synced=True)
 async def test_whatever_the_wall_clock_does_a_series_never_goes_back_nor_repeats_an_instant(
@@ -272,8 +275,10 @@ async def test_whatever_the_wall_clock_does_a_series_never_goes_back_nor_repeats
                 for s in list(flagged):
                     seen[s] = (seen[s] - flagged[s]) | {ts + delta for ts in flagged[s]}
                     flagged[s] = set()
-                last = {s: ((ts + delta, False) if unsynced else (ts, False))
-                        for s, (ts, unsynced) in last.items()}
+                last = {
+                    s: ((ts + delta, False) if unsynced else (ts, False))
+                    for s, (ts, unsynced) in last.items()
+                }
         else:
             batch = [reading(t, f"s{k % 2}", float(k)) for k in range(arg)]
             for r in clock.stamp(batch):
@@ -354,8 +359,12 @@ def test_a_non_holding_uplink_sends_flagged_readings_but_never_a_1970_one() -> N
     t = FakeTime(REAL - DAY)
     clock = t.clock()
     clock.first_id = 10
-    items = [stored(11, REAL, UNSYNCED), stored(12, 5_000, UNSYNCED), stored(13, REAL),
-             stored(3, 7_000)]
+    items = [
+        stored(11, REAL, UNSYNCED),
+        stored(12, 5_000, UNSYNCED),
+        stored(13, REAL),
+        stored(3, 7_000),
+    ]
     gate = clock.gate(items, hold_unsynced=False)
     assert [i.id for i in gate.send] == [11]
     assert gate.hold_from == 12
@@ -369,8 +378,6 @@ async def test_once_synchronised_a_reading_flagged_later_is_not_waited_for() -> 
     late = stored(50, REAL, UNSYNCED)  # flagged though the clock was synchronised
     gate = clock.gate([late], hold_unsynced=True)
     assert gate.hold_from is None and list(gate.rejected) == [50]
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,8 +440,7 @@ async def test_a_logger_s_own_times_at_a_1970_system_clock_are_kept_not_repaired
     assert clock.status()["rejected_timestamps"] == {"future": 0, "past": 0}
 
 
-def test_the_bounds_are_max_future_s_ahead_and_max_age_days_behind_the_synchronised_clock(
-) -> None:
+def test_the_bounds_are_max_future_s_ahead_and_max_age_days_behind_the_synchronised_clock() -> None:
     t = FakeTime(REAL, synced=True)
     clock = t.clock(max_future_s=3600, max_age_days=30)
     hour, month = 3_600_000, 30 * DAY
@@ -446,36 +452,48 @@ def test_the_bounds_are_max_future_s_ahead_and_max_age_days_behind_the_synchroni
     }
     out = clock.stamp([Reading(name, ts, 1.0) for name, ts in cases.items()])
     assert [(r.series, r.ts, r.quality) for r in out] == [
-        ("at_future", t.wall + hour, 0), ("at_past", t.wall - month, 0)
+        ("at_future", t.wall + hour, 0),
+        ("at_past", t.wall - month, 0),
     ]
     st_ = clock.status()
     assert st_["rejected_timestamps"] == {"future": 1, "past": 1}
     assert (st_["max_future_s"], st_["max_age_days"]) == (3600, 30)
 
 
-def test_rejections_are_counted_with_the_last_one_and_warned_when_a_series_starts_failing(
-) -> None:
+def test_rejections_are_counted_with_the_last_one_and_warned_when_a_series_starts_failing() -> None:
     t = FakeTime(REAL, synced=True)
     clock = t.clock()
     with capture_logs() as logs:
-        clock.stamp([
-            Reading("a", NINES, 1.0),
-            Reading("a", NINES, 2.0),  # the same again: counted, not warned
-            Reading("a", 0, 3.0),  # another reason: news
-            Reading("b", REAL + 2 * DAY, 4.0),
-        ])
+        clock.stamp(
+            [
+                Reading("a", NINES, 1.0),
+                Reading("a", NINES, 2.0),  # the same again: counted, not warned
+                Reading("a", 0, 3.0),  # another reason: news
+                Reading("b", REAL + 2 * DAY, 4.0),
+            ]
+        )
         clock.stamp([reading(t, "a")])  # accepted: the next rejection of "a" is news again
         clock.stamp([Reading("a", 10**16, 5.0)])  # beyond year 9999: no date to show
-    events = [(e["log_level"], e["series"], e["reason"])
-              for e in logs if e["event"] == "clock_timestamp_rejected"]
-    assert events == [("warning", "a", "future"), ("debug", "a", "future"),
-                      ("warning", "a", "past"), ("warning", "b", "future"),
-                      ("warning", "a", "future")]
+    events = [
+        (e["log_level"], e["series"], e["reason"])
+        for e in logs
+        if e["event"] == "clock_timestamp_rejected"
+    ]
+    assert events == [
+        ("warning", "a", "future"),
+        ("debug", "a", "future"),
+        ("warning", "a", "past"),
+        ("warning", "b", "future"),
+        ("warning", "a", "future"),
+    ]
     st_ = clock.status()
     assert st_["rejected_timestamps"] == {"future": 4, "past": 1}
     assert st_["last_rejected_timestamp"] == {
-        "series": "a", "ts": "10000000000000000 ms since 1970", "ts_ms": 10**16,
-        "reason": "future", "at": t.wall / 1000,
+        "series": "a",
+        "ts": "10000000000000000 ms since 1970",
+        "ts_ms": 10**16,
+        "reason": "future",
+        "at": t.wall / 1000,
     }
     assert clock._last["a"] == (t.wall, 0)
     assert iso_ms(NINES) == "9999-12-31T23:59:59.000Z" and iso_ms(-1) == "1969-12-31T23:59:59.999Z"
@@ -498,16 +516,20 @@ def test_a_logger_replaying_weeks_of_memory_is_kept_and_a_dead_logger_clock_is_n
 def test_while_unsynchronised_only_times_no_clock_can_show_are_rejected() -> None:
     t = FakeTime(10_000)  # 1970: a logger's own times are all "ahead" of it
     clock = t.clock()
-    out = clock.stamp([
-        Reading("nines", NINES, 1.0),
-        Reading("wrap", MAX_PLAUSIBLE_MS + 1, 2.0),
-        Reading("late", MAX_PLAUSIBLE_MS, 3.0),
-        Reading("y2k", Y2K, 4.0),  # ahead of the 1970 clock, but before 2020: never sendable
-        Reading("first", MIN_PLAUSIBLE_MS, 5.0),
-        Reading("gw", t.wall, 6.0),  # the gateway's own stamp: on the frame, flagged
-    ])
+    out = clock.stamp(
+        [
+            Reading("nines", NINES, 1.0),
+            Reading("wrap", MAX_PLAUSIBLE_MS + 1, 2.0),
+            Reading("late", MAX_PLAUSIBLE_MS, 3.0),
+            Reading("y2k", Y2K, 4.0),  # ahead of the 1970 clock, but before 2020: never sendable
+            Reading("first", MIN_PLAUSIBLE_MS, 5.0),
+            Reading("gw", t.wall, 6.0),  # the gateway's own stamp: on the frame, flagged
+        ]
+    )
     assert [(r.series, r.ts, r.quality) for r in out] == [
-        ("late", MAX_PLAUSIBLE_MS, 0), ("first", MIN_PLAUSIBLE_MS, 0), ("gw", t.wall, UNSYNCED)
+        ("late", MAX_PLAUSIBLE_MS, 0),
+        ("first", MIN_PLAUSIBLE_MS, 0),
+        ("gw", t.wall, UNSYNCED),
     ]
     assert clock.status()["rejected_timestamps"] == {"future": 2, "past": 1}
 
@@ -519,19 +541,23 @@ def test_an_unsynchronised_clock_is_taken_as_behind_the_truth() -> None:
     clock's: it goes on the frame and the repair moves it (the documented limit)."""
     t = FakeTime(REAL - 30 * DAY)
     clock = t.clock()
-    out = clock.stamp([
-        Reading("old", t.wall - A - 1, 1.0),
-        Reading("replay", t.wall - 20 * DAY, 2.0),
-        Reading("rtc", REAL, 3.0),
-    ])
+    out = clock.stamp(
+        [
+            Reading("old", t.wall - A - 1, 1.0),
+            Reading("replay", t.wall - 20 * DAY, 2.0),
+            Reading("rtc", REAL, 3.0),
+        ]
+    )
     assert [(r.series, r.ts, r.quality) for r in out] == [
-        ("replay", t.wall - 20 * DAY, UNSYNCED), ("rtc", REAL, 0)
+        ("replay", t.wall - 20 * DAY, UNSYNCED),
+        ("rtc", REAL, 0),
     ]
     assert clock.status()["rejected_timestamps"] == {"future": 0, "past": 1}
 
 
-async def test_a_step_back_beyond_the_future_bound_restarts_the_series_a_smaller_one_bumps(
-) -> None:
+async def test_a_step_back_beyond_the_future_bound_restarts_the_series_a_smaller_one_bumps() -> (
+    None
+):
     t = FakeTime(REAL, synced=True)
     clock = t.clock(max_future_s=3600)
     [a] = clock.stamp([reading(t, "s")])
@@ -583,12 +609,29 @@ def test_a_frame_stamp_is_not_bumped_past_a_source_s_own_time() -> None:
 TRUTH = REAL - 5_000
 
 _LOGGER_TS = st.one_of(
-    st.tuples(st.just("abs"), st.one_of(
-        st.sampled_from([0, 10_000, -DAY, Y2K, MIN_PLAUSIBLE_MS - 1, MIN_PLAUSIBLE_MS, REAL,
-                         REAL - 21 * DAY, REAL + 3 * DAY, REAL + 400 * DAY, MAX_PLAUSIBLE_MS,
-                         MAX_PLAUSIBLE_MS + 1, NINES]),
-        st.integers(-(10**13), 3 * 10**14),
-    )),
+    st.tuples(
+        st.just("abs"),
+        st.one_of(
+            st.sampled_from(
+                [
+                    0,
+                    10_000,
+                    -DAY,
+                    Y2K,
+                    MIN_PLAUSIBLE_MS - 1,
+                    MIN_PLAUSIBLE_MS,
+                    REAL,
+                    REAL - 21 * DAY,
+                    REAL + 3 * DAY,
+                    REAL + 400 * DAY,
+                    MAX_PLAUSIBLE_MS,
+                    MAX_PLAUSIBLE_MS + 1,
+                    NINES,
+                ]
+            ),
+            st.integers(-(10**13), 3 * 10**14),
+        ),
+    ),
     st.tuples(st.just("future"), st.integers(-2, 2)),  # the future bound, +- a few ms
     st.tuples(st.just("past"), st.integers(-2, 2)),  # the past bound
     st.tuples(st.just("rel"), st.integers(-800 * DAY, 3 * DAY)),  # from the system clock
@@ -603,8 +646,10 @@ def logger_scripts(draw: st.DrawFn) -> list[tuple[str, Any]]:
     timestamps, the clock task looks, NTP sets the clock and says so."""
     op = st.one_of(
         st.tuples(st.just("advance"), st.integers(1, 600_000)),
-        st.tuples(st.just("emit"), st.lists(st.tuples(st.sampled_from("ab"), _LOGGER_TS),
-                                            min_size=1, max_size=3)),
+        st.tuples(
+            st.just("emit"),
+            st.lists(st.tuples(st.sampled_from("ab"), _LOGGER_TS), min_size=1, max_size=3),
+        ),
         st.tuples(st.just("look"), st.none()),
         st.tuples(st.just("sync"), st.none()),
     )
@@ -614,32 +659,66 @@ def logger_scripts(draw: st.DrawFn) -> list[tuple[str, Any]]:
 @settings(max_examples=300, deadline=None)
 @given(
     script=logger_scripts(),
-    start=st.sampled_from([("synced", REAL), ("1970", 10_000), ("behind", REAL - 30 * DAY),
-                           ("right", REAL)]),
+    start=st.sampled_from(
+        [("synced", REAL), ("1970", 10_000), ("behind", REAL - 30 * DAY), ("right", REAL)]
+    ),
     future_s=st.sampled_from([60, 3600, 86_400, 10 * 86_400]),
     age_days=st.sampled_from([7, 365]),
 )
 # The issue: one 9999 line, then good ones.
-@example(script=[("emit", [("a", ("rel", 0))]), ("emit", [("a", ("abs", NINES))]),
-                 ("advance", 1000), ("emit", [("a", ("rel", 0))])],
-         start=("synced", REAL), future_s=86_400, age_days=365)
+@example(
+    script=[
+        ("emit", [("a", ("rel", 0))]),
+        ("emit", [("a", ("abs", NINES))]),
+        ("advance", 1000),
+        ("emit", [("a", ("rel", 0))]),
+    ],
+    start=("synced", REAL),
+    future_s=86_400,
+    age_days=365,
+)
 # A logger's own (right) times at a 1970 boot, the sync, then more.
-@example(script=[("emit", [("a", ("abs", REAL))]), ("sync", None), ("advance", 1000),
-                 ("emit", [("a", ("rel", 0)), ("a", ("dup", 0))])],
-         start=("1970", 10_000), future_s=86_400, age_days=365)
+@example(
+    script=[
+        ("emit", [("a", ("abs", REAL))]),
+        ("sync", None),
+        ("advance", 1000),
+        ("emit", [("a", ("rel", 0)), ("a", ("dup", 0))]),
+    ],
+    start=("1970", 10_000),
+    future_s=86_400,
+    age_days=365,
+)
 # At 1970: 9999 (beyond any clock), 2000 (before 2020), a right time; the sync; more.
-@example(script=[("emit", [("a", ("abs", NINES)), ("a", ("abs", Y2K)), ("a", ("abs", REAL))]),
-                 ("sync", None), ("emit", [("a", ("rel", 0)), ("a", ("dup", 0))])],
-         start=("1970", 10_000), future_s=86_400, age_days=365)
+@example(
+    script=[
+        ("emit", [("a", ("abs", NINES)), ("a", ("abs", Y2K)), ("a", ("abs", REAL))]),
+        ("sync", None),
+        ("emit", [("a", ("rel", 0)), ("a", ("dup", 0))]),
+    ],
+    start=("1970", 10_000),
+    future_s=86_400,
+    age_days=365,
+)
 # Unsynchronised: a time just beyond the bound (a source's own), the clock catches up, then a
 # time of the same series on the frame, before it: not bumped past the own time, restarted.
-@example(script=[("emit", [("a", ("future", 2))]), ("advance", 1000),
-                 ("emit", [("a", ("back", 5))])],
-         start=("right", REAL), future_s=60, age_days=7)
+@example(
+    script=[("emit", [("a", ("future", 2))]), ("advance", 1000), ("emit", [("a", ("back", 5))])],
+    start=("right", REAL),
+    future_s=60,
+    age_days=7,
+)
 # A logger's own time days ahead of the truth, kept while unsynchronised, judged at the sync.
-@example(script=[("emit", [("b", ("abs", REAL + 3 * DAY))]), ("sync", None),
-                 ("emit", [("b", ("rel", 0))])],
-         start=("behind", REAL - 30 * DAY), future_s=86_400, age_days=365)
+@example(
+    script=[
+        ("emit", [("b", ("abs", REAL + 3 * DAY))]),
+        ("sync", None),
+        ("emit", [("b", ("rel", 0))]),
+    ],
+    start=("behind", REAL - 30 * DAY),
+    future_s=86_400,
+    age_days=365,
+)
 async def test_whatever_times_a_logger_sends_series_stay_within_the_bounds(
     script: list[tuple[str, Any]], start: tuple[str, int], future_s: int, age_days: int
 ) -> None:
@@ -699,8 +778,14 @@ async def test_whatever_times_a_logger_sends_series_stay_within_the_bounds(
             expected: list[tuple[str | None, str, int, int]] = []
             for series, (how, n) in arg:
                 prev_sent = sent.get(series, W)
-                ts = {"abs": n, "future": W + fut + n, "past": W - age + n, "rel": W + n,
-                      "dup": prev_sent, "back": prev_sent - n}[how]
+                ts = {
+                    "abs": n,
+                    "future": W + fut + n,
+                    "past": W - age + n,
+                    "rel": W + n,
+                    "dup": prev_sent,
+                    "back": prev_sent - n,
+                }[how]
                 sent[series] = ts
                 value += 1
                 batch.append(Reading(series, ts, float(value)))

@@ -61,13 +61,16 @@ def test_good_config_loads_and_resolves_the_secret_masked(good: str) -> None:
 
 def test_every_error_is_listed_with_path_and_line(good: str) -> None:
     text = good.replace('unit = "m"', 'unit = "bar"\ncolour = "blue"').replace(
-        "[store]", "[store]\nquota_bytes = \"lots\""
+        "[store]", '[store]\nquota_bytes = "lots"'
     )
     got = problems(text)
     lines = text.splitlines()
     by_path = {p.split(" (line")[0]: p for p, _ in got}
-    assert set(by_path) == {"store.quota_bytes", "uplinks[0].routes[0].unit",
-                            "uplinks[0].routes[0].colour"}
+    assert set(by_path) == {
+        "store.quota_bytes",
+        "uplinks[0].routes[0].unit",
+        "uplinks[0].routes[0].colour",
+    }
     for path, shown in by_path.items():
         line = int(shown.split("(line ")[1].rstrip(")"))
         assert path.rsplit(".", 1)[-1] in lines[line - 1]
@@ -84,7 +87,7 @@ def test_missing_secret_file_is_an_error_naming_the_place(good: str, tmp_path: P
 
 
 def test_env_secret_and_missing_env(good: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    text = good.replace('token = {', 'token = { env = "QT_TOKEN" } #')
+    text = good.replace("token = {", 'token = { env = "QT_TOKEN" } #')
     monkeypatch.delenv("QT_TOKEN", raising=False)
     [(path, msg)] = problems(text)
     assert path.startswith("uplinks[0].token") and "QT_TOKEN" in msg
@@ -93,10 +96,10 @@ def test_env_secret_and_missing_env(good: str, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_plain_text_secret_needs_insisting_and_warns(good: str) -> None:
-    text = good.replace('token = {', 'token = { value = "abcd1234" } #')
-    [(path, msg)] = problems(text)
+    text = good.replace("token = {", 'token = { value = "abcd1234" } #')
+    [(_path, msg)] = problems(text)
     assert "plain_text = true" in msg
-    text = good.replace('token = {', 'token = { value = "abcd1234", plain_text = true } #')
+    text = good.replace("token = {", 'token = { value = "abcd1234", plain_text = true } #')
     loaded = load_config_text(text)
     assert any("plain text" in w for w in loaded.warnings)
 
@@ -112,8 +115,10 @@ def test_syntax_error_names_the_line() -> None:
 
 
 def test_unknown_type_and_duplicate_names(good: str) -> None:
-    assert "unknown type 'qatum'" in problems(good.replace('type = "qatium"', 'type = "qatum"'))[0][1]
-    doubled = good + good[good.index("[[uplinks]]"):]
+    assert (
+        "unknown type 'qatum'" in problems(good.replace('type = "qatium"', 'type = "qatum"'))[0][1]
+    )
+    doubled = good + good[good.index("[[uplinks]]") :]
     [(path, msg)] = problems(doubled)
     assert path.startswith("uplinks") and "repeated: qatium" in msg
 
@@ -146,7 +151,9 @@ def test_locate_finds_nested_array_tables() -> None:
     assert locate(text, "a[1].b[0].zz") == 7
 
 
-def test_samples_and_example_configs_all_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_samples_and_example_configs_all_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = Path(__file__).resolve().parents[1] / "config"
     files = sorted(root.glob("*.toml")) + sorted((root / "samples").glob("*.toml"))
     assert files, "config/ holds the example and demo configs"
@@ -168,14 +175,23 @@ def test_samples_and_example_configs_all_load(tmp_path: Path, monkeypatch: pytes
 def test_check_config_cli_exits_78_with_errors_on_stderr(tmp_path: Path, good: str) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(good.replace('unit = "m"', 'unit = "m"\nbogus = 1'))
-    proc = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(bad)],
-                          capture_output=True, text=True, env={**os.environ})
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ},
+    )
     assert proc.returncode == EX_CONFIG
     assert "uplinks[0].routes[0].bogus (line" in proc.stderr
     good_file = tmp_path / "good.toml"
     good_file.write_text(good)
-    proc = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(good_file)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(good_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "s3cr3t" not in proc.stdout + proc.stderr
 
@@ -212,14 +228,21 @@ def edk(tmp_path: Path, series: str, suffix: str, extra: str = "") -> str:
     return EDK_PATTERNS.format(tmp=tmp_path, series=series, suffix=suffix) + extra
 
 
-@pytest.mark.parametrize(("series", "suffix", "message"), [
-    ("u*.r*", "unit{1}/reg{3}", "unknown placeholder {3} (this route knows {series}, {1}, {2})"),
-    ("u*.r*", "unit{1}", "must use {series} or every capture {1}..{2} of 'u*.r*'"),
-    ("u*.r*", "unit{1}/reg{2", "unbalanced { or }"),
-    ("u*.r*", "unit {1}/{2}", "one or more parts of A-Z a-z 0-9 _ . - separated by /"),
-    ("u1.r0", "unit{1}", "placeholder {1} in the route of one series"),
-    ("u1.r0", "{series}", "placeholder {series} in the route of one series"),
-])
+@pytest.mark.parametrize(
+    ("series", "suffix", "message"),
+    [
+        (
+            "u*.r*",
+            "unit{1}/reg{3}",
+            "unknown placeholder {3} (this route knows {series}, {1}, {2})",
+        ),
+        ("u*.r*", "unit{1}", "must use {series} or every capture {1}..{2} of 'u*.r*'"),
+        ("u*.r*", "unit{1}/reg{2", "unbalanced { or }"),
+        ("u*.r*", "unit {1}/{2}", "one or more parts of A-Z a-z 0-9 _ . - separated by /"),
+        ("u1.r0", "unit{1}", "placeholder {1} in the route of one series"),
+        ("u1.r0", "{series}", "placeholder {series} in the route of one series"),
+    ],
+)
 def test_energydata_pattern_route_templates_are_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, series: str, suffix: str, message: str
 ) -> None:
@@ -246,9 +269,11 @@ def test_pattern_routes_loaded_against_the_declared_series(
     # A second pattern that matches nothing declared is accepted with a warning.
     more = '[[uplinks.routes]]\nseries = "pump*"\ndataset = "site"\nsuffix = "p/{series}"\n'
     loaded = load_config_text(edk(tmp_path, "u*.r*", "unit{1}/reg{2}", more))
-    assert loaded.warnings == ["uplinks[0].routes[1].series: the pattern 'pump*' matches no "
-                               "series a configured source declares (it will take any that "
-                               "appears)"]
+    assert loaded.warnings == [
+        "uplinks[0].routes[1].series: the pattern 'pump*' matches no "
+        "series a configured source declares (it will take any that "
+        "appears)"
+    ]
     # "u1.r23" and "u12.r3" would both publish to siteA/x123 with this (legal) template...
     text = edk(tmp_path, "u*.r*", "x{1}{2}")
     got = problems(text.replace('"u12.r0"', '"u12.r3"').replace('"u1.r1"', '"u1.r23"'))
@@ -263,3 +288,27 @@ def test_series_patterns_are_refused_where_the_plugin_has_fixed_identifiers(good
     got = problems(good.replace('series = "tank1.level"', 'series = "tank*.level"'))
     assert got[0][0].startswith("uplinks[0] (line ")
     assert "series patterns (tank*.level) are not supported by this uplink" in got[0][1]
+
+
+def test_loading_config_imports_no_transport_library() -> None:
+    """Config models live in each plugin folder's pure config.py: loading a config (every
+    plugin's model, a sample file) must not import httpx, aiomqtt, pymodbus, pyserial or the
+    plugins themselves. In a fresh interpreter, so nothing imported by other tests counts."""
+    code = (
+        "import sys, pathlib, gateway.config as c\n"
+        "for f in sorted(pathlib.Path('config/samples').glob('*.toml')):\n"
+        "    try: c.load_config(f)\n"
+        "    except c.ConfigError: pass\n"
+        "heavy = {'httpx', 'aiomqtt', 'paho', 'pymodbus', 'serial', 'aiohttp'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+        "print(sorted(m for m in sys.modules if m.endswith(('.uplink', '.source', '.mqtt',\n"
+        "    '.csvimport', '.port', '.lines', '.link', '.registry'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.stdout.splitlines() == ["[]", "[]"], out.stdout

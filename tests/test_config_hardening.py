@@ -81,16 +81,16 @@ def test_a_world_readable_config_holding_only_references_is_fine(
     assert load_config(path).warnings == []
 
 
-@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o640, False), (0o644, True),
-                                              (0o604, True)])
-def test_secret_file_permissions(
-    tmp_path: Path, token_file: Path, mode: int, warned: bool
-) -> None:
+@pytest.mark.parametrize(
+    ("mode", "warned"), [(0o600, False), (0o640, False), (0o644, True), (0o604, True)]
+)
+def test_secret_file_permissions(tmp_path: Path, token_file: Path, mode: int, warned: bool) -> None:
     token_file.chmod(mode)
     text = CONFIG.format(tmp=tmp_path, token=f'{{ file = "{token_file}" }}')
     warnings = load_config_text(text).warnings
-    assert warnings == ([f"uplinks[0].token: secret file {token_file} is {OTHERS}"]
-                        if warned else [])
+    assert warnings == (
+        [f"uplinks[0].token: secret file {token_file} is {OTHERS}"] if warned else []
+    )
 
 
 def test_health_listens_on_loopback_unless_configured() -> None:

@@ -67,7 +67,9 @@ class RuleUplink:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10), {"rule": ["s"]})
+    s = await Store.open(
+        StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10), {"rule": ["s"]}
+    )
     task = asyncio.create_task(s.run())
     yield s
     task.cancel()
@@ -76,8 +78,9 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 def runner(store: Store, uplink: RuleUplink, **kw: object) -> UplinkRunner:
-    cfg = UplinkConfigBase(name="rule", rate_limit_requests=0, backoff_initial_s=0.01,
-                           backoff_max_s=0.02, **kw)  # type: ignore[arg-type]
+    cfg = UplinkConfigBase(
+        name="rule", rate_limit_requests=0, backoff_initial_s=0.01, backoff_max_s=0.02, **kw
+    )  # type: ignore[arg-type]
     return UplinkRunner(uplink, cfg, store)  # type: ignore[arg-type]
 
 
@@ -236,14 +239,30 @@ async def test_rate_limit_history_survives_a_restart(tmp_path: Path) -> None:
     cfg = StoreConfig(path=tmp_path / "q.db")
     s = await Store.open(cfg, {"rule": ["s"]})
     up = RuleUplink()
-    r = UplinkRunner(up, UplinkConfigBase(name="rule", rate_limit_requests=3,  # type: ignore[arg-type]
-                                          rate_limit_period_s=3600, pacing="burst"), s)
+    r = UplinkRunner(
+        up,
+        UplinkConfigBase(
+            name="rule",
+            rate_limit_requests=3,  # type: ignore[arg-type]
+            rate_limit_period_s=3600,
+            pacing="burst",
+        ),
+        s,
+    )
     for _ in range(3):
         await r.limiter.acquire()
     await s.aclose()
     s2 = await Store.open(cfg, {"rule": ["s"]})
-    r2 = UplinkRunner(up, UplinkConfigBase(name="rule", rate_limit_requests=3,  # type: ignore[arg-type]
-                                           rate_limit_period_s=3600, pacing="burst"), s2)
+    r2 = UplinkRunner(
+        up,
+        UplinkConfigBase(
+            name="rule",
+            rate_limit_requests=3,  # type: ignore[arg-type]
+            rate_limit_period_s=3600,
+            pacing="burst",
+        ),
+        s2,
+    )
     assert r2.limiter.delay() > 3500
     await s2.aclose()
 
@@ -269,8 +288,9 @@ async def test_an_early_settled_part_is_recorded_once_and_a_failed_early_record_
     up = TwoPartUplink()
     assert isinstance(up, SettlesEarly)
     r = UplinkRunner(up, UplinkConfigBase(name="rule", rate_limit_requests=0), store)  # type: ignore[arg-type]
-    await store.ingest([Reading("s", 1_700_000_000_000 + i, float(i)) for i in range(10)],
-                       durable=True)
+    await store.ingest(
+        [Reading("s", 1_700_000_000_000 + i, float(i)) for i in range(10)], durable=True
+    )
     lease = await store.lease("rule", 100)
     assert lease is not None
     await r.process(lease)
@@ -279,8 +299,9 @@ async def test_an_early_settled_part_is_recorded_once_and_a_failed_early_record_
 
     # The early record fails (a full disk, say): the part goes on and the lease's completion
     # records everything.
-    await store.ingest([Reading("s", 1_700_000_001_000 + i, float(i)) for i in range(10)],
-                       durable=True)
+    await store.ingest(
+        [Reading("s", 1_700_000_001_000 + i, float(i)) for i in range(10)], durable=True
+    )
 
     async def failing_settle(*a: object, **kw: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")

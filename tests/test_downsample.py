@@ -32,13 +32,20 @@ def route(mode: str = "last", every: float = 60) -> dict[str, RouteBase]:
     return {"s": RouteBase(series="s", min_interval_s=every, downsample=mode)}  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("mode", "expected"), [("last", 3.0), ("mean", 2.0), ("min", 1.0),
-                                                 ("max", 3.0)])
-def test_closed_window_becomes_one_aggregate_at_the_window_start(mode: str, expected: float) -> None:
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("last", 3.0), ("mean", 2.0), ("min", 1.0), ("max", 3.0)]
+)
+def test_closed_window_becomes_one_aggregate_at_the_window_start(
+    mode: str, expected: float
+) -> None:
     d = Downsampler(route(mode))
     t0 = 1_700_000_040_000  # a minute boundary
-    items = [sr(1, t0 + 5_000, 1.0), sr(2, t0 + 20_000, 2.0), sr(3, t0 + 59_000, 3.0),
-             sr(4, t0 + MIN + 1, 9.0)]
+    items = [
+        sr(1, t0 + 5_000, 1.0),
+        sr(2, t0 + 20_000, 2.0),
+        sr(3, t0 + 59_000, 3.0),
+        sr(4, t0 + MIN + 1, 9.0),
+    ]
     plan = d.plan(items, now_ms=t0 + MIN + 2)
     [agg] = plan.send
     assert (agg.id, agg.ts, agg.value) == (3, t0, expected)
@@ -101,10 +108,9 @@ def test_series_without_interval_pass_through_untouched() -> None:
     assert d.plan(items, now_ms=10).send == items
 
 
-@given(st.lists(st.tuples(st.integers(0, 10 * MIN), st.floats(-1e6, 1e6)), min_size=1,
-                max_size=60))
+@given(st.lists(st.tuples(st.integers(0, 10 * MIN), st.floats(-1e6, 1e6)), min_size=1, max_size=60))
 def test_never_two_values_in_one_window_and_every_reading_accounted(
-    data: list[tuple[int, float]]
+    data: list[tuple[int, float]],
 ) -> None:
     d = Downsampler(route("mean"))
     items = [sr(i + 1, ts, v) for i, (ts, v) in enumerate(sorted(data))]
@@ -122,7 +128,9 @@ class RoutedConfig(UplinkConfigBase):
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10), {"rule": ["s"]})
+    s = await Store.open(
+        StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10), {"rule": ["s"]}
+    )
     task = asyncio.create_task(s.run())
     yield s
     task.cancel()
@@ -132,16 +140,20 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 async def test_dispatcher_sends_one_value_per_window_and_accounts_for_all(store: Store) -> None:
     up = RuleUplink()
-    cfg = RoutedConfig(name="rule", rate_limit_requests=0,
-                       routes=[RouteBase(series="s", min_interval_s=60, downsample="max")])
+    cfg = RoutedConfig(
+        name="rule",
+        rate_limit_requests=0,
+        routes=[RouteBase(series="s", min_interval_s=60, downsample="max")],
+    )
     r = UplinkRunner(up, cfg, store)  # type: ignore[arg-type]
     now = int(time.time() * 1000)
     t0 = now - now % MIN - 10 * MIN  # ten closed windows ago
     values = [(t0 + k * 6_000, float(k)) for k in range(100)]  # 10 per minute, 10 minutes
     # and the first reading of an 11th window, which closes the 10th (captured just now, the
     # 10th would otherwise wait for a grace of quiet)
-    await store.ingest([Reading("s", ts, v) for ts, v in [*values, (t0 + 10 * MIN, 100.0)]],
-                       durable=True)
+    await store.ingest(
+        [Reading("s", ts, v) for ts, v in [*values, (t0 + 10 * MIN, 100.0)]], durable=True
+    )
     lease = await store.lease("rule", 1000, live_first=False)
     assert lease is not None
     await r.process(lease)
@@ -156,9 +168,10 @@ async def run_until_drained(store: Store, r: UplinkRunner, total: int) -> None:
     task = asyncio.create_task(r.run())
     try:
         async with asyncio.timeout(30):
-            while store.uplink_stats("rule")["delivered"] + store.uplink_stats("rule")[
-                "dead_letters"
-            ] < total:
+            while (
+                store.uplink_stats("rule")["delivered"] + store.uplink_stats("rule")["dead_letters"]
+                < total
+            ):
                 await store.wait_for_data(0.05)
     finally:
         task.cancel()
@@ -170,8 +183,12 @@ async def test_backlog_in_small_leases_is_never_late_nor_split(store: Store, win
     # Default order is live_first; the runner must still hand windows out in order, whole, even
     # when a window holds more readings than a lease (600 s: 100 readings, leases of 30).
     up = RuleUplink()
-    cfg = RoutedConfig(name="rule", rate_limit_requests=0, batch_max_items=3,
-                       routes=[RouteBase(series="s", min_interval_s=window_s, downsample="mean")])
+    cfg = RoutedConfig(
+        name="rule",
+        rate_limit_requests=0,
+        batch_max_items=3,
+        routes=[RouteBase(series="s", min_interval_s=window_s, downsample="mean")],
+    )
     r = UplinkRunner(up, cfg, store)  # type: ignore[arg-type]
     w = window_s * 1000
     now = int(time.time() * 1000)
@@ -179,8 +196,7 @@ async def test_backlog_in_small_leases_is_never_late_nor_split(store: Store, win
     n = 5 * w // 6_000
     # Plus the first reading of a sixth window: it closes the fifth (the data was captured just
     # now, so without a later reading in hand the fifth would wait for a grace of quiet).
-    await store.ingest([Reading("s", t0 + k * 6_000, float(k)) for k in range(n + 1)],
-                       durable=True)
+    await store.ingest([Reading("s", t0 + k * 6_000, float(k)) for k in range(n + 1)], durable=True)
     await run_until_drained(store, r, n)
     per = w // 6_000
     assert up.received == [sum(range(i * per, (i + 1) * per)) / per for i in range(5)]
@@ -191,7 +207,8 @@ async def test_backlog_in_small_leases_is_never_late_nor_split(store: Store, win
 class GroupUplink(RuleUplink):
     """Requests must carry whole groups (like one NILU packet per sensor and instant)."""
 
-    whole_groups = True
+    def sends_whole_groups(self) -> bool:
+        return True
 
     def __init__(self) -> None:
         super().__init__()
@@ -210,8 +227,10 @@ async def test_a_cut_lease_never_splits_a_group(store: Store) -> None:
     r = runner_for(store, up, batch_max_items=9)
     t0 = int(time.time() * 1000) - 100_000
     # 10 instants x 2 parameters; leases of 9 readings end in the middle of an instant.
-    await store.ingest([Reading("s", t0 + k * 1000, float(k * 10 + p)) for k in range(10)
-                        for p in range(2)], durable=True)
+    await store.ingest(
+        [Reading("s", t0 + k * 1000, float(k * 10 + p)) for k in range(10) for p in range(2)],
+        durable=True,
+    )
     await run_until_drained(store, r, 20)
     assert sorted(up.groups) == [[k * 10.0, k * 10.0 + 1] for k in range(10)]
 
@@ -236,15 +255,18 @@ class FailOldest(RuleUplink):
             oldest = min(batch, key=lambda i: i.ts)
             ok = [i for i in batch if i is not oldest]
             self.received.extend(float(i.value) for i in ok)
-            return SendResult(delivered=[i.id for i in ok],
-                              failure=Failure(Outcome.TRANSIENT, "later", retry_after=0.01))
+            return SendResult(
+                delivered=[i.id for i in ok],
+                failure=Failure(Outcome.TRANSIENT, "later", retry_after=0.01),
+            )
         return await super().send(batch)
 
 
 async def test_partial_failure_does_not_make_older_windows_late(store: Store) -> None:
     up = FailOldest()
-    cfg = RoutedConfig(name="rule", rate_limit_requests=0,
-                       routes=[RouteBase(series="s", min_interval_s=60)])
+    cfg = RoutedConfig(
+        name="rule", rate_limit_requests=0, routes=[RouteBase(series="s", min_interval_s=60)]
+    )
     r = UplinkRunner(up, cfg, store)  # type: ignore[arg-type]
     now = int(time.time() * 1000)
     t0 = now - now % MIN - 6 * MIN
@@ -256,16 +278,34 @@ async def test_partial_failure_does_not_make_older_windows_late(store: Store) ->
 
 
 def test_a_pattern_route_downsamples_each_series_it_takes_on_its_own() -> None:
-    routes = RouteTable([RouteBase(series="well*.level", min_interval_s=60, downsample="max"),
-                         RouteBase(series="well2.level")])
+    routes = RouteTable(
+        [
+            RouteBase(series="well*.level", min_interval_s=60, downsample="max"),
+            RouteBase(series="well2.level"),
+        ]
+    )
     d = Downsampler(routes)
     assert d.active
-    items = [StoredReading(i, s, 60_000 * k + i, float(i))
-             for i, (s, k) in enumerate([("well1.level", 0), ("well1.level", 0),
-                                         ("well2.level", 0), ("well3.level", 0),
-                                         ("well1.level", 1), ("well3.level", 1)], start=1)]
+    items = [
+        StoredReading(i, s, 60_000 * k + i, float(i))
+        for i, (s, k) in enumerate(
+            [
+                ("well1.level", 0),
+                ("well1.level", 0),
+                ("well2.level", 0),
+                ("well3.level", 0),
+                ("well1.level", 1),
+                ("well3.level", 1),
+            ],
+            start=1,
+        )
+    ]
     plan = d.plan(items, now_ms=10 * 60_000)
     # well2.level has its own exact route (no window): sent as it is.
     assert [(a.series, a.value) for a in plan.send] == [
-        ("well2.level", 3.0), ("well1.level", 2.0), ("well3.level", 4.0),
-        ("well1.level", 5.0), ("well3.level", 6.0)]
+        ("well2.level", 3.0),
+        ("well1.level", 2.0),
+        ("well3.level", 4.0),
+        ("well1.level", 5.0),
+        ("well3.level", 6.0),
+    ]

@@ -19,15 +19,10 @@ from gateway.sandbox.energydata_broker import (
 )
 from gateway.sandbox.energydata_import import Datastream, parse_ts, validate_csv
 from gateway.uplinks.base import Failure, Outcome, SendResult
-from gateway.uplinks.energydata import (
-    MULTI_MAX_VALUES,
-    EnergydataConfig,
-    EnergydataUplink,
-    build_messages,
-    merge_results,
-    value_problem,
-)
-from gateway.uplinks.energydata_import import build_csv, csv_time, map_errors
+from gateway.uplinks.energydata.config import MULTI_MAX_VALUES, EnergydataConfig
+from gateway.uplinks.energydata.csvimport import build_csv, csv_time, map_errors
+from gateway.uplinks.energydata.messages import build_messages, merge_results, value_problem
+from gateway.uplinks.energydata.uplink import EnergydataUplink
 
 ROUTES = [
     {"series": "t1", "dataset": "site", "suffix": "temp/1", "datastream": 101},
@@ -40,10 +35,15 @@ ROUTES = [
 
 def config(**kw: object) -> EnergydataConfig:
     data: dict[str, object] = {
-        "name": "edk", "type": "energydata", "token": {"env": "UNUSED"},
-        "datasets": [{"name": "site", "prefix": "my-topic-prefix"},
-                     {"name": "pump", "prefix": "pump7", "messages": "single"}],
-        "routes": ROUTES, **kw,
+        "name": "edk",
+        "type": "energydata",
+        "token": {"env": "UNUSED"},
+        "datasets": [
+            {"name": "site", "prefix": "my-topic-prefix"},
+            {"name": "pump", "prefix": "pump7", "messages": "single"},
+        ],
+        "routes": ROUTES,
+        **kw,
     }
     return EnergydataConfig.model_validate(data)
 
@@ -63,18 +63,28 @@ def messages(batch: list[StoredReading], **kw: object) -> list[tuple[str, object
 
 def test_readings_sharing_a_timestamp_become_one_multi_value_message() -> None:
     t = 1521797973469
-    batch = [StoredReading(1, "t1", t, 14.47), StoredReading(2, "t2", t, 34),
-             StoredReading(3, "n", t, 4.0), StoredReading(4, "t1", 1521797974000, 1.5)]
+    batch = [
+        StoredReading(1, "t1", t, 14.47),
+        StoredReading(2, "t2", t, 34),
+        StoredReading(3, "n", t, 4.0),
+        StoredReading(4, "t1", 1521797974000, 1.5),
+    ]
     assert messages(batch) == [
-        ("my-topic-prefix", {"timestamp": 1521797973469,
-                             "value": {"temp/1": 14.47, "temp/2": 34, "count": 4}}),
+        (
+            "my-topic-prefix",
+            {"timestamp": 1521797973469, "value": {"temp/1": 14.47, "temp/2": 34, "count": 4}},
+        ),
         ("my-topic-prefix/temp/1", {"timestamp": 1521797974000, "value": 1.5}),
     ]
 
 
 def test_single_value_datasets_and_value_types() -> None:
-    batch = [StoredReading(1, "p", 1000, True), StoredReading(2, "p", 1000, 2.5),
-             StoredReading(3, "s", 1000, "on"), StoredReading(4, "s", 2000, False)]
+    batch = [
+        StoredReading(1, "p", 1000, True),
+        StoredReading(2, "p", 1000, 2.5),
+        StoredReading(3, "s", 1000, "on"),
+        StoredReading(4, "s", 2000, False),
+    ]
     assert messages(batch) == [
         ("pump7/power", {"timestamp": 1000, "value": 1}),
         ("pump7/power", {"timestamp": 1000, "value": 2.5}),
@@ -85,15 +95,25 @@ def test_single_value_datasets_and_value_types() -> None:
 
 def test_single_mode_for_a_multi_dataset() -> None:
     batch = [StoredReading(1, "t1", 1000, 1.0), StoredReading(2, "t2", 1000, 2.0)]
-    out = messages(batch, datasets=[{"name": "site", "prefix": "x", "messages": "single"},
-                                    {"name": "pump", "prefix": "pump7"}])
-    assert out == [("x/temp/1", {"timestamp": 1000, "value": 1.0}),
-                   ("x/temp/2", {"timestamp": 1000, "value": 2.0})]
+    out = messages(
+        batch,
+        datasets=[
+            {"name": "site", "prefix": "x", "messages": "single"},
+            {"name": "pump", "prefix": "pump7"},
+        ],
+    )
+    assert out == [
+        ("x/temp/1", {"timestamp": 1000, "value": 1.0}),
+        ("x/temp/2", {"timestamp": 1000, "value": 2.0}),
+    ]
 
 
 def test_a_duplicate_reading_goes_in_a_second_message_never_a_repeated_key() -> None:
-    batch = [StoredReading(1, "t1", 1000, 1.0), StoredReading(2, "t1", 1000, 2.0),
-             StoredReading(3, "t2", 1000, 3.0)]
+    batch = [
+        StoredReading(1, "t1", 1000, 1.0),
+        StoredReading(2, "t1", 1000, 2.0),
+        StoredReading(3, "t2", 1000, 3.0),
+    ]
     assert messages(batch) == [
         ("my-topic-prefix", {"timestamp": 1000, "value": {"temp/1": 1.0, "temp/2": 3.0}}),
         ("my-topic-prefix/temp/1", {"timestamp": 1000, "value": 2.0}),
@@ -110,19 +130,33 @@ def test_multi_value_messages_are_capped() -> None:
     assert list(out[0][1]["value"])[:2] == ["v/0", "v/1"]  # type: ignore[index]
     # The cap is the uplink's multi_max_values; a last single value goes single-value.
     up = uplink(routes=routes, multi_max_values=299)
-    got = build_messages(batch, up.routes, {d.name: d for d in up.cfg.datasets},
-                         max_values=up.cfg.multi_max_values)
+    got = build_messages(
+        batch, up.routes, {d.name: d for d in up.cfg.datasets}, max_values=up.cfg.multi_max_values
+    )
     assert [len(m.ids) for m in got] == [299, 299, 2]
-    got = build_messages(batch[:300], up.routes, {d.name: d for d in up.cfg.datasets},
-                         max_values=up.cfg.multi_max_values)
+    got = build_messages(
+        batch[:300],
+        up.routes,
+        {d.name: d for d in up.cfg.datasets},
+        max_values=up.cfg.multi_max_values,
+    )
     assert [m.topic for m in got] == ["my-topic-prefix", "my-topic-prefix/v/299"]
 
 
-@pytest.mark.parametrize(("value", "datatype", "problem"), [
-    (1.5, "double", None), (3, "integer", None), (3.0, "integer", None), (True, "integer", None),
-    (3.5, "integer", "integer"), ("x", "double", "text"), (float("nan"), "double", "finite"),
-    (float("inf"), "string", "finite"), ("anything", "string", None),
-])
+@pytest.mark.parametrize(
+    ("value", "datatype", "problem"),
+    [
+        (1.5, "double", None),
+        (3, "integer", None),
+        (3.0, "integer", None),
+        (True, "integer", None),
+        (3.5, "integer", "integer"),
+        ("x", "double", "text"),
+        (float("nan"), "double", "finite"),
+        (float("inf"), "string", "finite"),
+        ("anything", "string", None),
+    ],
+)
 def test_value_checks(value: object, datatype: str, problem: str | None) -> None:
     got = value_problem(value, datatype)  # type: ignore[arg-type]
     assert (got is None) if problem is None else (got is not None and problem in got)
@@ -132,11 +166,19 @@ def test_config_cross_checks_name_the_problem() -> None:
     with pytest.raises(ValidationError, match="no dataset named 'nope'"):
         config(routes=[{"series": "a", "dataset": "nope", "suffix": "x"}])
     with pytest.raises(ValidationError, match="both publish to topic 'my-topic-prefix/x'"):
-        config(routes=[{"series": "a", "dataset": "site", "suffix": "x"},
-                       {"series": "b", "dataset": "site", "suffix": "x"}])
+        config(
+            routes=[
+                {"series": "a", "dataset": "site", "suffix": "x"},
+                {"series": "b", "dataset": "site", "suffix": "x"},
+            ]
+        )
     with pytest.raises(ValidationError, match="share datastream 5"):
-        config(routes=[{"series": "a", "dataset": "site", "suffix": "x", "datastream": 5},
-                       {"series": "b", "dataset": "site", "suffix": "y", "datastream": 5}])
+        config(
+            routes=[
+                {"series": "a", "dataset": "site", "suffix": "x", "datastream": 5},
+                {"series": "b", "dataset": "site", "suffix": "y", "datastream": 5},
+            ]
+        )
     with pytest.raises(ValidationError, match="suffix"):
         config(routes=[{"series": "a", "dataset": "site", "suffix": "bad/#"}])
     with pytest.raises(ValidationError, match="timeout_s must be at least"):
@@ -173,8 +215,9 @@ def test_old_readings_go_by_import_new_and_text_by_mqtt() -> None:
 
 
 def test_a_large_backlog_goes_by_import_except_the_live_part() -> None:
-    up = uplink(backfill={"older_than_s": 86400, "larger_than": 10, "live_s": 60,
-                          "min_readings": 5})
+    up = uplink(
+        backfill={"older_than_s": 86400, "larger_than": 10, "live_s": 60, "min_readings": 5}
+    )
     recent = [StoredReading(i, "t1", NOW - 600_000 + i, 1.0) for i in range(1, 13)]
     live = [StoredReading(100, "t2", NOW - 1000, 1.0)]
     imp, rest = up.split([*recent, *live], now_ms=NOW)
@@ -201,9 +244,14 @@ def test_merged_result_keeps_the_most_conservative_failure() -> None:
 def test_csv_is_exactly_the_documented_format() -> None:
     up = uplink()
     t = int(datetime(2021, 3, 10, 20, 24, 30, 139000, tzinfo=UTC).timestamp() * 1000)
-    batch = [StoredReading(1, "t1", t, 23.4121), StoredReading(2, "n", t, -10),
-             StoredReading(3, "t1", t + 1005, 999888777.121), StoredReading(4, "n", t + 1005, 0),
-             StoredReading(5, "t2", t + 2022, -1.33e-16), StoredReading(6, "t1", t + 2022, True)]
+    batch = [
+        StoredReading(1, "t1", t, 23.4121),
+        StoredReading(2, "n", t, -10),
+        StoredReading(3, "t1", t + 1005, 999888777.121),
+        StoredReading(4, "n", t + 1005, 0),
+        StoredReading(5, "t2", t + 2022, -1.33e-16),
+        StoredReading(6, "t1", t + 2022, True),
+    ]
     f = build_csv(batch, dict(up.routes), {"t1": "101", "t2": "102", "n": "my-topic-prefix/count"})
     assert f.data.decode() == (
         ";101;my-topic-prefix/count;102\r\n"
@@ -217,25 +265,40 @@ def test_csv_is_exactly_the_documented_format() -> None:
 
 def test_validation_errors_map_to_the_offending_cells_only() -> None:
     up = uplink()
-    batch = [StoredReading(1, "t1", 1000, 1.0), StoredReading(2, "t2", 1000, 2.0),
-             StoredReading(3, "t1", 2000, 3.0)]
+    batch = [
+        StoredReading(1, "t1", 1000, 1.0),
+        StoredReading(2, "t2", 1000, 2.0),
+        StoredReading(3, "t1", 2000, 3.0),
+    ]
     f = build_csv(batch, dict(up.routes), {"t1": "101", "t2": "102"})
     assert map_errors([{"line": 2, "column": "102", "message": "out of range"}], f) == {
-        2: "import validation failed: out of range"}
+        2: "import validation failed: out of range"
+    }
     assert set(map_errors([{"line": 2, "column": None, "message": "bad row"}], f) or {}) == {1, 2}
     assert map_errors(["line 3: timestamp in the future"], f) == {
-        3: "import validation failed: line 3: timestamp in the future"}
+        3: "import validation failed: line 3: timestamp in the future"
+    }
     assert map_errors([{"message": "file unreadable"}], f) is None
     assert map_errors([{"line": 9, "column": "101", "message": "?"}], f) is None
 
 
-_values = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=64),
-                    st.integers(-(2**53), 2**53), st.booleans())
+_values = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, width=64),
+    st.integers(-(2**53), 2**53),
+    st.booleans(),
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["t1", "t2", "p", "n"]),
-                          st.integers(0, 4_102_444_800_000), _values), min_size=1, max_size=40))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["t1", "t2", "p", "n"]), st.integers(0, 4_102_444_800_000), _values
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
 def test_built_csv_validates_and_round_trips(rows: list[tuple[str, int, object]]) -> None:
     """Whatever the readings, the emulator (the document's rules) reads back exactly them."""
     up = uplink()
@@ -247,28 +310,42 @@ def test_built_csv_validates_and_round_trips(rows: list[tuple[str, int, object]]
             value = round(raw) if abs(raw) < 2**53 else 0
         batch.append(StoredReading(i, series, ts, value))  # type: ignore[arg-type]
     f = build_csv(batch, dict(up.routes), headers)
-    streams = [Datastream(101, "my-topic-prefix/temp/1"), Datastream(102, "my-topic-prefix/temp/2"),
-               Datastream(201, "pump7/power"), Datastream(7, "my-topic-prefix/count", "integer")]
+    streams = [
+        Datastream(101, "my-topic-prefix/temp/1"),
+        Datastream(102, "my-topic-prefix/temp/2"),
+        Datastream(201, "pump7/power"),
+        Datastream(7, "my-topic-prefix/count", "integer"),
+    ]
     got, errors = validate_csv(f.data, streams)
     assert errors == []
     ids = {"t1": 101, "t2": 102, "p": 201, "n": 7}
-    expected = [(ids[r.series], r.ts, float(r.value) if ids[r.series] != 7 else int(r.value))
-                for r in batch]
+    expected = [
+        (ids[r.series], r.ts, float(r.value) if ids[r.series] != 7 else int(r.value)) for r in batch
+    ]
     assert sorted(got, key=repr) == sorted(expected, key=repr)
 
 
 def test_emulator_refuses_what_the_document_forbids() -> None:
-    streams = [Datastream(1, "a/x", "integer"), Datastream(2, "a/y", "double"),
-               Datastream(3, "a/s", "string")]
-    data = (b";1;a/y;3\r\n"
-            b"2021-03-10T20:24:30.139Z;1.5;2;hi\r\n"          # 1.5 on an integer stream
-            b"2021-03-10T20:24:31Z;1;2;x\r\n"                  # no milliseconds
-            b"2021-03-10T20:24:32.000Z;1;2\r\n"                # a field missing
-            b"2021-03-10T20:24:33.000Z;;abc;\r\n"              # not a double
-            b"2021-03-10T20:24:34.000Z;;;\r\n")       # empty: only "" for the string
+    streams = [
+        Datastream(1, "a/x", "integer"),
+        Datastream(2, "a/y", "double"),
+        Datastream(3, "a/s", "string"),
+    ]
+    data = (
+        b";1;a/y;3\r\n"
+        b"2021-03-10T20:24:30.139Z;1.5;2;hi\r\n"  # 1.5 on an integer stream
+        b"2021-03-10T20:24:31Z;1;2;x\r\n"  # no milliseconds
+        b"2021-03-10T20:24:32.000Z;1;2\r\n"  # a field missing
+        b"2021-03-10T20:24:33.000Z;;abc;\r\n"  # not a double
+        b"2021-03-10T20:24:34.000Z;;;\r\n"
+    )  # empty: only "" for the string
     rows, errors = validate_csv(data, streams)
-    assert [(e["line"], e["column"]) for e in errors] == [(2, "1"), (3, None), (4, None),
-                                                          (5, "a/y")]
+    assert [(e["line"], e["column"]) for e in errors] == [
+        (2, "1"),
+        (3, None),
+        (4, None),
+        (5, "a/y"),
+    ]
     assert (3, parse_ts("2021-03-10T20:24:34.000Z"), "") in rows
     assert validate_csv(b";99\r\n", streams)[1][0]["message"] == "unknown datastream '99'"
     assert validate_csv(b"\xff\xfe", streams)[1][0]["line"] is None

@@ -37,8 +37,8 @@ from gateway.config import load_config_text
 from gateway.errors import ConfigError
 from gateway.models import MAX_STRING_VALUE, value_problem
 from gateway.sandbox.demo import DEMO_TOKENS
-from gateway.sources.line_parsers import LineRejected, decode_line
-from gateway.sources.modbus_decode import (
+from gateway.sandbox.serial_sim import nmea_sentence, sdi12_crc, sdi12_crc_chars
+from gateway.sources.modbus.decode import (
     DATA_TYPES,
     ORDERS,
     DataType,
@@ -49,16 +49,21 @@ from gateway.sources.modbus_decode import (
     rtu_frame_problem,
     words_to_bytes,
 )
-from gateway.sources.nmea import GgaFix, NmeaError, RmcFix, Sentence, format_sentence, parse
-from gateway.sources.sdi12 import Sdi12Error, crc16, crc_ascii, parse_data
-from gateway.sources.serial import SerialLinesConfig, SerialLinesSource
+from gateway.sources.serial.config import SerialLinesConfig
+from gateway.sources.serial.lines import SerialLinesSource
+from gateway.sources.serial.nmea import GgaFix, NmeaError, RmcFix, Sentence, parse
+from gateway.sources.serial.parsers import LineRejected, decode_line
+from gateway.sources.serial.sdi12 import Sdi12Error, parse_data
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [*sorted((ROOT / "config").glob("*.toml")),
-           *sorted((ROOT / "config/samples").glob("*.toml"))]
+CONFIGS = [
+    *sorted((ROOT / "config").glob("*.toml")),
+    *sorted((ROOT / "config/samples").glob("*.toml")),
+]
 #: Whole shipped configs are validated per example: fewer examples than the pure parsers get.
-CONFIG_SETTINGS = settings(max_examples=150, deadline=None,
-                           suppress_health_check=[HealthCheck.too_slow])
+CONFIG_SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +118,7 @@ def test_arbitrary_text_is_only_ever_a_config_error(text: str) -> None:
 # A small TOML writer for the structure-aware mutations (tomllib reads only). Every table is
 # written inline, which TOML allows at any depth; tomllib reading it back gives the same data.
 
+
 def toml_key(key: str) -> str:
     return toml_string(key)
 
@@ -158,13 +164,31 @@ def toml_dumps(data: dict[str, Any]) -> str:
 
 scalars = st.one_of(
     st.text(max_size=30),
-    st.sampled_from(["", "-", "tcp", "rtu", "modbus", "float32", "ABCD", "holding", "qatium",
-                     "synthetic", "https://x.invalid/", "/dev/null", "../x.toml", "UTC"]),
+    st.sampled_from(
+        [
+            "",
+            "-",
+            "tcp",
+            "rtu",
+            "modbus",
+            "float32",
+            "ABCD",
+            "holding",
+            "qatium",
+            "synthetic",
+            "https://x.invalid/",
+            "/dev/null",
+            "../x.toml",
+            "UTC",
+        ]
+    ),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.sampled_from([0, -1, 1, 65535, 65536, 2**64, 10**30]),
     st.floats(),
     st.booleans(),
-    st.datetimes(), st.dates(), st.times(),
+    st.datetimes(),
+    st.dates(),
+    st.times(),
 )
 toml_values = st.recursive(
     scalars,
@@ -277,8 +301,14 @@ def nilu_with(change: str) -> str:
     return toml_dumps(doc)
 
 
-@pytest.mark.parametrize("change", ["sensor id is an array", "route names its sensor with a table",
-                                    "sensor without id, route without sensor"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "sensor id is an array",
+        "route names its sensor with a table",
+        "sensor without id, route without sensor",
+    ],
+)
 def test_nilu_sensor_references_of_the_wrong_shape_are_config_errors(change: str) -> None:
     with pytest.raises(ConfigError):
         load_config_text(nilu_with(change), NILU_SAMPLE)
@@ -288,19 +318,41 @@ def test_nilu_sensor_references_of_the_wrong_shape_are_config_errors(change: str
 # Serial line logger: every line is good or exactly one counted, logged rejection
 
 LINE_CONFIGS: list[dict[str, Any]] = [
-    {"parser": {"kind": "delimited", "columns": ["t", "a", "-", "b"]}, "encoding": "utf-8",
-     "timestamp": {"field": "t", "format": "iso8601", "timezone": "Europe/Oslo"}},
-    {"parser": {"kind": "delimited", "delimiter": ";", "columns": ["t", "a"],
-                "extra_columns": "ignore", "quotechar": None},
-     "decimal_comma": True, "timestamp": {"field": "t", "format": "epoch_ms"}},
-    {"parser": {"kind": "delimited", "delimiter": "whitespace", "columns": ["a", "b"]},
-     "non_numeric": "skip", "missing_values": ["-999", "NaN"]},
-    {"parser": {"kind": "keyvalue", "fields": ["ts", "a"]}, "non_numeric": "string",
-     "timestamp": {"field": "ts", "format": "%d.%m.%Y %H:%M", "timezone": "+05:30"}},
-    {"parser": {"kind": "keyvalue", "pair_separator": "|", "kv_separator": ":"},
-     "ignore_pattern": "^#"},
-    {"parser": {"kind": "regex", "pattern": r"(?P<t>\S+) T=(?P<a>\S+) P=(?P<b>\S+)"},
-     "timestamp": {"field": "t", "format": "epoch_s"}, "encoding": "latin-1"},
+    {
+        "parser": {"kind": "delimited", "columns": ["t", "a", "-", "b"]},
+        "encoding": "utf-8",
+        "timestamp": {"field": "t", "format": "iso8601", "timezone": "Europe/Oslo"},
+    },
+    {
+        "parser": {
+            "kind": "delimited",
+            "delimiter": ";",
+            "columns": ["t", "a"],
+            "extra_columns": "ignore",
+            "quotechar": None,
+        },
+        "decimal_comma": True,
+        "timestamp": {"field": "t", "format": "epoch_ms"},
+    },
+    {
+        "parser": {"kind": "delimited", "delimiter": "whitespace", "columns": ["a", "b"]},
+        "non_numeric": "skip",
+        "missing_values": ["-999", "NaN"],
+    },
+    {
+        "parser": {"kind": "keyvalue", "fields": ["ts", "a"]},
+        "non_numeric": "string",
+        "timestamp": {"field": "ts", "format": "%d.%m.%Y %H:%M", "timezone": "+05:30"},
+    },
+    {
+        "parser": {"kind": "keyvalue", "pair_separator": "|", "kv_separator": ":"},
+        "ignore_pattern": "^#",
+    },
+    {
+        "parser": {"kind": "regex", "pattern": r"(?P<t>\S+) T=(?P<a>\S+) P=(?P<b>\S+)"},
+        "timestamp": {"field": "t", "format": "epoch_s"},
+        "encoding": "latin-1",
+    },
 ]
 
 line_text = st.text(alphabet="0123456789+-.,;:|= eE\tTZ:naNinf#abt", max_size=60)
@@ -323,7 +375,8 @@ def every_log_event() -> Iterator[list[MutableMapping[str, Any]]]:
 @given(which=st.integers(0, len(LINE_CONFIGS) - 1), raw_lines=lines)
 def test_every_bad_line_is_one_counted_logged_rejection(which: int, raw_lines: list[bytes]) -> None:
     cfg = SerialLinesConfig.model_validate(
-        {"type": "serial_lines", "name": "log", "port": "/dev/null", **LINE_CONFIGS[which]})
+        {"type": "serial_lines", "name": "log", "port": "/dev/null", **LINE_CONFIGS[which]}
+    )
     source = SerialLinesSource(cfg)
     with every_log_event() as events:
         # The source's per-line step (pure: the port only feeds it lines).
@@ -343,13 +396,15 @@ nmea_field = st.text(alphabet="0123456789.-+NSEWAVMDK", max_size=12)
 
 
 @settings(max_examples=500, deadline=None)
-@given(talker=st.sampled_from(["GP", "GN", "GL", "P", "", "G"]),
-       kind=st.sampled_from(["GGA", "RMC", "GSA", "XXX"]),
-       fields=st.lists(nmea_field, max_size=16))
+@given(
+    talker=st.sampled_from(["GP", "GN", "GL", "P", "", "G"]),
+    kind=st.sampled_from(["GGA", "RMC", "GSA", "XXX"]),
+    fields=st.lists(nmea_field, max_size=16),
+)
 def test_checksummed_sentences_with_damaged_fields_are_only_rejected(
     talker: str, kind: str, fields: list[str]
 ) -> None:
-    line = format_sentence(",".join([talker + kind, *fields]))
+    line = nmea_sentence(",".join([talker + kind, *fields]))
     try:
         item = parse(line)
     except NmeaError as exc:
@@ -380,13 +435,16 @@ def test_sentences_without_checksums_are_only_rejected(raw: bytes) -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(address=st.sampled_from("0aZ"),
-       values=st.text(alphabet="0123456789+-.e ", max_size=40) | st.text(max_size=20))
+@given(
+    address=st.sampled_from("0aZ"),
+    values=st.text(alphabet="0123456789+-.e ", max_size=40) | st.text(max_size=20),
+)
 def test_data_replies_with_a_valid_crc_are_only_rejected_as_malformed(
     address: str, values: str
 ) -> None:
     body = address + values
-    line = body + crc_ascii(crc16(body.encode("ascii", "replace")))
+    # The CRC as the simulated sensor computes it, over the bytes the gateway checks it on.
+    line = body + sdi12_crc_chars(sdi12_crc(body.encode("ascii", "replace")))
     try:
         out = parse_data(line, address, crc=True)
     except Sdi12Error as exc:
@@ -412,13 +470,22 @@ def test_the_rtu_frame_check_takes_any_bytes(raw: bytes) -> None:
 def test_every_decoded_value_is_usable_or_refused_by_the_sources_check(
     dtype: DataType, order: Order, data: st.DataObject
 ) -> None:
-    length = data.draw(st.integers(1, 2 * MAX_STRING_VALUE), label="length") \
-        if dtype == "string" else None
-    spec = FieldSpec("s", "holding", 0, dtype, order,
-                     bit=data.draw(st.integers(0, 15)) if dtype == "bit" else None,
-                     length=length,
-                     scale=data.draw(st.sampled_from([1.0, 0.1, 1e300])),
-                     offset=data.draw(st.sampled_from([0.0, -40.0])))
+    length = (
+        data.draw(st.integers(1, 2 * MAX_STRING_VALUE), label="length")
+        if dtype == "string"
+        else None
+    )
+    spec = FieldSpec(
+        "s",
+        "holding",
+        0,
+        dtype,
+        order,
+        bit=data.draw(st.integers(0, 15)) if dtype == "bit" else None,
+        length=length,
+        scale=data.draw(st.sampled_from([1.0, 0.1, 1e300])),
+        offset=data.draw(st.sampled_from([0.0, -40.0])),
+    )
     n = register_count(dtype, length)
     words = data.draw(st.lists(st.integers(0, 0xFFFF), min_size=n, max_size=n), label="words")
     value = make_decoder(spec)(words_to_bytes(words), 0)
@@ -429,4 +496,3 @@ def test_every_decoded_value_is_usable_or_refused_by_the_sources_check(
         assert problem is None, (dtype, order, value)
     if type(value) is float and not math.isfinite(value):
         assert problem is not None
-

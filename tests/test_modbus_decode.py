@@ -1,4 +1,10 @@
-"""Property tests of the Modbus codec and read planner (gateway.sources.modbus_decode)."""
+"""Property tests of the Modbus decoder and read planner (gateway.sources.modbus.decode).
+
+The gateway only decodes; the simulator's encoder (gateway.sandbox.modbus_encode) is written
+apart from it. Both are held against register vectors written here by hand from the byte-order
+definitions, then against each other (decode what the simulator encodes, encode what the
+gateway decodes), so neither can agree with the other by construction.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,14 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from pymodbus.framer.rtu import FramerRTU
 
-from gateway.sources.modbus_decode import (
+from gateway.sandbox.modbus_encode import (
+    bytes_to_words,
+    encode_raw,
+    registers_of,
+    set_bit,
+    unscaled,
+)
+from gateway.sources.modbus.decode import (
     BIT_TABLES,
     DATA_TYPES,
     ORDERS,
@@ -22,19 +35,15 @@ from gateway.sources.modbus_decode import (
     ReadRequest,
     Span,
     Table,
-    bytes_to_words,
     crc16,
     decode_raw,
-    encode_raw,
     make_decoder,
     plan_reads,
     register_count,
     reorder,
     rtu_frame_problem,
     scaled,
-    set_bit,
     shortest_float32,
-    unscaled,
     words_to_bytes,
 )
 
@@ -61,7 +70,88 @@ word = st.integers(0, 0xFFFF)
 
 
 # ----------------------------------------------------------------------------------------------
-# Codec: known answers pin the meaning of each byte order
+# Fixed vectors, by hand from the definitions: A is the most significant byte of the value, the
+# letters list the bytes in wire (address) order, a register travels high byte first. Neither
+# the simulator's encoder nor the gateway's decoder was used to write them.
+
+#: (type, value, order, registers in address order, length for strings)
+VECTORS: list[tuple[DataType, object, Order, list[int], int | None]] = [
+    # float32 1.0 = 0x3F800000: A=3F B=80 C=00 D=00
+    ("float32", 1.0, "ABCD", [0x3F80, 0x0000], None),
+    ("float32", 1.0, "CDAB", [0x0000, 0x3F80], None),
+    ("float32", 1.0, "BADC", [0x803F, 0x0000], None),
+    ("float32", 1.0, "DCBA", [0x0000, 0x803F], None),
+    # float32 -2.5 = 0xC0200000
+    ("float32", -2.5, "ABCD", [0xC020, 0x0000], None),
+    ("float32", -2.5, "DCBA", [0x0000, 0x20C0], None),
+    # int32 -2 = 0xFFFFFFFE (two's complement): only D differs
+    ("int32", -2, "ABCD", [0xFFFF, 0xFFFE], None),
+    ("int32", -2, "CDAB", [0xFFFE, 0xFFFF], None),
+    ("int32", -2, "BADC", [0xFFFF, 0xFEFF], None),
+    ("int32", -2, "DCBA", [0xFEFF, 0xFFFF], None),
+    # uint32 0x01020304
+    ("uint32", 0x01020304, "ABCD", [0x0102, 0x0304], None),
+    ("uint32", 0x01020304, "CDAB", [0x0304, 0x0102], None),
+    ("uint32", 0x01020304, "BADC", [0x0201, 0x0403], None),
+    ("uint32", 0x01020304, "DCBA", [0x0403, 0x0201], None),
+    # 64 bits: A..H = 01..08
+    ("uint64", 0x0102030405060708, "ABCD", [0x0102, 0x0304, 0x0506, 0x0708], None),
+    ("uint64", 0x0102030405060708, "CDAB", [0x0708, 0x0506, 0x0304, 0x0102], None),
+    ("uint64", 0x0102030405060708, "BADC", [0x0201, 0x0403, 0x0605, 0x0807], None),
+    ("uint64", 0x0102030405060708, "DCBA", [0x0807, 0x0605, 0x0403, 0x0201], None),
+    # float64 1.0 = 0x3FF0000000000000
+    ("float64", 1.0, "ABCD", [0x3FF0, 0, 0, 0], None),
+    ("float64", 1.0, "CDAB", [0, 0, 0, 0x3FF0], None),
+    ("float64", 1.0, "BADC", [0xF03F, 0, 0, 0], None),
+    ("float64", 1.0, "DCBA", [0, 0, 0, 0xF03F], None),
+    # int64 -2 = 0xFFFFFFFFFFFFFFFE
+    ("int64", -2, "CDAB", [0xFFFE, 0xFFFF, 0xFFFF, 0xFFFF], None),
+    # one register: only the byte choice counts
+    ("int16", -2, "ABCD", [0xFFFE], None),
+    ("int16", -2, "CDAB", [0xFFFE], None),
+    ("int16", -2, "BADC", [0xFEFF], None),
+    ("int16", -2, "DCBA", [0xFEFF], None),
+    ("uint16", 0x1234, "BADC", [0x3412], None),
+    # strings: "AB1" = 41 42 31 in 4 bytes, NUL-padded; the word choice never reverses text
+    ("string", "AB1", "ABCD", [0x4142, 0x3100], 4),
+    ("string", "AB1", "CDAB", [0x4142, 0x3100], 4),
+    ("string", "AB1", "BADC", [0x4241, 0x0031], 4),
+    ("string", "AB1", "DCBA", [0x4241, 0x0031], 4),
+    ("string", "SDM630", "ABCD", [0x5344, 0x4D36, 0x3330, 0x0000, 0x0000], 10),
+]
+
+
+def _wire(words: list[int]) -> bytes:
+    """Registers as they travel: high byte first (written out here, not the gateway's helper)."""
+    return b"".join(bytes([w >> 8, w & 0xFF]) for w in words)
+
+
+@pytest.mark.parametrize(("dtype", "value", "order", "words", "length"), VECTORS)
+def test_simulator_encoder_matches_hand_written_vectors(
+    dtype: DataType, value: object, order: Order, words: list[int], length: int | None
+) -> None:
+    assert encode_raw(dtype, value, order, length) == words  # type: ignore[arg-type]
+    assert registers_of(dtype, length) == len(words)
+
+
+@pytest.mark.parametrize(("dtype", "value", "order", "words", "length"), VECTORS)
+def test_gateway_decoder_matches_hand_written_vectors(
+    dtype: DataType, value: object, order: Order, words: list[int], length: int | None
+) -> None:
+    got = decode_raw(dtype, _wire(words), order)
+    assert got == value and type(got) is type(value)
+    assert register_count(dtype, length) == len(words)
+
+
+def test_bit_vectors() -> None:
+    # Bit 0 is the least significant bit of the register value: 0x8001 has bits 0 and 15.
+    assert set_bit(0, 0, True) == 0x0001 and set_bit(0, 15, True) == 0x8000
+    assert set_bit(0x8001, 15, False) == 0x0001
+    assert [decode_raw("bit", _wire([0x8001]), bit=b) for b in (0, 1, 15)] == [True, False, True]
+
+
+# ----------------------------------------------------------------------------------------------
+# Known answers pin the meaning of each byte order
 
 
 @pytest.mark.parametrize(

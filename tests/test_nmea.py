@@ -12,19 +12,17 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway.models import Position
-from gateway.sources.line_parsers import LineRejected, decode_line
-from gateway.sources.nmea import (
+from gateway.sandbox.serial_sim import nmea_gga, nmea_rmc, nmea_sentence
+from gateway.sources.serial.config import NmeaConfig
+from gateway.sources.serial.nmea import (
     GgaFix,
-    NmeaConfig,
     NmeaError,
     RmcFix,
     Sentence,
     checksum,
-    format_gga,
-    format_rmc,
-    format_sentence,
     parse,
 )
+from gateway.sources.serial.parsers import LineRejected, decode_line
 
 GGA = "$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47"
 RMC = "$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A"
@@ -60,6 +58,8 @@ def test_textbook_rmc() -> None:
 
 def test_checksum_is_verified() -> None:
     assert checksum(GGA[1:-3]) == 0x47
+    # The simulator frames sentences with its own checksum: the textbook lines come out whole.
+    assert nmea_sentence(GGA[1:-3]) == GGA and nmea_sentence(RMC[1:-3]) == RMC
     assert kind_of(GGA[:-2] + "48") == "checksum"
     assert kind_of(GGA.replace("545.4", "546.4")) == "checksum"
     assert kind_of(GGA[:-3]) == "checksum"  # missing checksum
@@ -69,39 +69,39 @@ def test_checksum_is_verified() -> None:
 
 
 def test_no_fix_and_void() -> None:
-    no_fix = parse(format_sentence("GPGGA,123519,,,,,0,00,99.9,,M,,M,,"))
+    no_fix = parse(nmea_sentence("GPGGA,123519,,,,,0,00,99.9,,M,,M,,"))
     assert isinstance(no_fix, GgaFix) and no_fix.quality == 0 and no_fix.position is None
     # A stale position with quality 0 is not a fix either.
-    stale = parse(format_sentence("GPGGA,123519,4807.038,N,01131.000,E,0,03,9.9,545.4,M,,M,,"))
+    stale = parse(nmea_sentence("GPGGA,123519,4807.038,N,01131.000,E,0,03,9.9,545.4,M,,M,,"))
     assert isinstance(stale, GgaFix) and stale.position is None
-    void = parse(format_sentence("GPRMC,123519,V,4807.038,N,01131.000,E,,,230394,,,N"))
+    void = parse(nmea_sentence("GPRMC,123519,V,4807.038,N,01131.000,E,,,230394,,,N"))
     assert isinstance(void, RmcFix) and not void.valid and void.position is None
-    not_valid_mode = parse(format_sentence("GNRMC,123519,A,4807.038,N,01131.000,E,,,230394,,,N"))
+    not_valid_mode = parse(nmea_sentence("GNRMC,123519,A,4807.038,N,01131.000,E,,,230394,,,N"))
     assert isinstance(not_valid_mode, RmcFix) and not not_valid_mode.valid
 
 
 def test_damaged_fields() -> None:
-    assert kind_of(format_sentence("GPGGA,123519,9107.038,N,01131.000,E,1,08,0.9,1,M,,M,,")) == (
+    assert kind_of(nmea_sentence("GPGGA,123519,9107.038,N,01131.000,E,1,08,0.9,1,M,,M,,")) == (
         "field"
     )
-    assert kind_of(format_sentence("GPGGA,123519,4867.038,N,01131.000,E,1,08,0.9,1,M,,M,,")) == (
+    assert kind_of(nmea_sentence("GPGGA,123519,4867.038,N,01131.000,E,1,08,0.9,1,M,,M,,")) == (
         "field"
     )
-    assert kind_of(format_sentence("GPGGA,123519,4807.038,X,01131.000,E,1,08,0.9,1,M,,M,,")) == (
+    assert kind_of(nmea_sentence("GPGGA,123519,4807.038,X,01131.000,E,1,08,0.9,1,M,,M,,")) == (
         "field"
     )
-    assert kind_of(format_sentence("GPGGA,123519,,,,,1,08,0.9,,M,,M,,")) == "field"
-    assert kind_of(format_sentence("GPGGA,253519,,,,,0,00,,,M,,M,,")) == "field"
-    assert kind_of(format_sentence("GPGGA,123519,4807.038,N")) == "format"
-    assert kind_of(format_sentence("GPRMC,123519,A,,,,,,,230394,,")) == "field"
-    assert kind_of(format_sentence("GPRMC,123519,A,4807.038,N,01131.000,E,,,320394,,")) == "field"
+    assert kind_of(nmea_sentence("GPGGA,123519,,,,,1,08,0.9,,M,,M,,")) == "field"
+    assert kind_of(nmea_sentence("GPGGA,253519,,,,,0,00,,,M,,M,,")) == "field"
+    assert kind_of(nmea_sentence("GPGGA,123519,4807.038,N")) == "format"
+    assert kind_of(nmea_sentence("GPRMC,123519,A,,,,,,,230394,,")) == "field"
+    assert kind_of(nmea_sentence("GPRMC,123519,A,4807.038,N,01131.000,E,,,320394,,")) == "field"
 
 
 def test_other_sentences_and_talkers() -> None:
-    gsa = parse(format_sentence("GPGSA,A,3,04,05,,,,,,,,,,,2.5,1.3,2.1"))
+    gsa = parse(nmea_sentence("GPGSA,A,3,04,05,,,,,,,,,,,2.5,1.3,2.1"))
     assert gsa == Sentence("GP", "GSA", ("A", "3", "04", "05", *[""] * 10, "2.5", "1.3", "2.1"))
-    assert isinstance(parse(format_sentence(GGA[1:-3].replace("GPGGA", "GNGGA"))), GgaFix)
-    proprietary = parse(format_sentence("PUBX,00,123519"))
+    assert isinstance(parse(nmea_sentence(GGA[1:-3].replace("GPGGA", "GNGGA"))), GgaFix)
+    proprietary = parse(nmea_sentence("PUBX,00,123519"))
     assert isinstance(proprietary, Sentence) and proprietary.talker == "P"
 
 
@@ -126,12 +126,15 @@ lon = st.floats(min_value=-179.999, max_value=179.999, allow_nan=False)
 alt = st.one_of(st.none(), st.floats(min_value=-400, max_value=9000).map(lambda a: round(a, 1)))
 
 
-@given(pos=st.builds(Position, lat, lon, alt), quality=st.integers(1, 8),
-       sats=st.integers(0, 40), talker=st.sampled_from(["GP", "GN", "GL", "GA"]))
+@given(
+    pos=st.builds(Position, lat, lon, alt),
+    quality=st.integers(1, 8),
+    sats=st.integers(0, 40),
+    talker=st.sampled_from(["GP", "GN", "GL", "GA"]),
+)
 def test_gga_round_trip(pos: Position, quality: int, sats: int, talker: str) -> None:
     lat, lon, alt = pos.lat, pos.lon, pos.alt
-    line = format_gga(dtime(1, 2, 3, 450000), pos, quality=quality, satellites=sats,
-                      talker=talker)
+    line = nmea_gga(dtime(1, 2, 3, 450000), pos, quality=quality, satellites=sats, talker=talker)
     fix = parse(line)
     assert isinstance(fix, GgaFix)
     assert fix.quality == quality and fix.satellites == sats and fix.time == dtime(1, 2, 3, 450000)
@@ -141,23 +144,30 @@ def test_gga_round_trip(pos: Position, quality: int, sats: int, talker: str) -> 
     assert fix.position.alt == alt
 
 
-@given(lat=lat, lon=lon, when=st.datetimes(min_value=datetime(1980, 1, 1),
-                                           max_value=datetime(2079, 12, 31)))
+@given(
+    lat=lat,
+    lon=lon,
+    when=st.datetimes(min_value=datetime(1980, 1, 1), max_value=datetime(2079, 12, 31)),
+)
 def test_rmc_round_trip(lat: float, lon: float, when: datetime) -> None:
     when = when.replace(microsecond=when.microsecond // 10000 * 10000, tzinfo=UTC)
-    fix = parse(format_rmc(when, Position(lat, lon)))
+    fix = parse(nmea_rmc(when, Position(lat, lon)))
     assert isinstance(fix, RmcFix) and fix.valid and fix.utc == when
     assert fix.position is not None
     assert fix.position.lat == pytest.approx(lat, abs=1e-7)
     assert fix.position.lon == pytest.approx(lon, abs=1e-7)
 
 
-@given(lat=lat, lon=lon, index=st.integers(1, 60),
-       char=st.characters(min_codepoint=32, max_codepoint=126))
+@given(
+    lat=lat,
+    lon=lon,
+    index=st.integers(1, 60),
+    char=st.characters(min_codepoint=32, max_codepoint=126),
+)
 def test_any_single_character_change_is_caught(
     lat: float, lon: float, index: int, char: str
 ) -> None:
-    line = format_gga(dtime(12, 0), Position(lat, lon, 10.0))
+    line = nmea_gga(dtime(12, 0), Position(lat, lon, 10.0))
     index = index % (len(line) - 1) + 1
     damaged = line[:index] + char + line[index + 1 :]
     try:

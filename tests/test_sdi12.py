@@ -10,15 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from gateway.sources.line_parsers import LineRejected, decode_line
-from gateway.sources.sdi12 import (
-    Sdi12Config,
+from gateway.sandbox.serial_sim import sdi12_data_reply, sdi12_values
+from gateway.sources.serial.config import Sdi12Config
+from gateway.sources.serial.parsers import LineRejected, decode_line
+from gateway.sources.serial.sdi12 import (
     Sdi12Error,
     Started,
     crc16,
     crc_ascii,
-    format_data_reply,
-    format_values,
     is_service_request,
     measurement_command,
     parse_address_reply,
@@ -73,10 +72,10 @@ def test_address_reply_and_commands() -> None:
 
 
 def test_values_fit_seven_digits() -> None:
-    assert format_values([1.5, -2]) == "+1.500-2.000"
-    assert format_values([12345.678]) == "+12345.68"
-    assert format_values([-1234567.0]) == "-1234567"
-    line = "0" + format_values([12345.678, -0.001])
+    assert sdi12_values([1.5, -2]) == "+1.500-2.000"
+    assert sdi12_values([12345.678]) == "+12345.68"
+    assert sdi12_values([-1234567.0]) == "-1234567"
+    line = "0" + sdi12_values([12345.678, -0.001])
     assert parse_data(line, "0", crc=False) == [12345.68, -0.001]
 
 
@@ -85,7 +84,7 @@ values = st.lists(st.floats(min_value=-9999, max_value=9999, allow_nan=False), m
 
 @given(values=values, crc=st.booleans(), address=st.sampled_from("0129azAZ"))
 def test_data_round_trip(values: list[float], crc: bool, address: str) -> None:
-    line = format_data_reply(address, values, crc=crc)
+    line = sdi12_data_reply(address, values, crc=crc)
     assert parse_data(line, address, crc=crc) == pytest.approx(values, abs=0.0006)
 
 
@@ -116,13 +115,18 @@ def test_reply_shaped_text_only_ever_rejected(text: str) -> None:
 
 
 def sdi(**kw: object) -> Sdi12Config:
-    return Sdi12Config.model_validate({"type": "sdi12", "name": "bus", "port": "/dev/ttyUSB1",
-                                       **kw})
+    return Sdi12Config.model_validate(
+        {"type": "sdi12", "name": "bus", "port": "/dev/ttyUSB1", **kw}
+    )
 
 
 def test_config() -> None:
-    cfg = sdi(sensors=[{"address": "0", "series": ["soil.moist", "-", "soil.temp"]},
-                       {"address": "1", "command": "C", "series": ["rain"]}])
+    cfg = sdi(
+        sensors=[
+            {"address": "0", "series": ["soil.moist", "-", "soil.temp"]},
+            {"address": "1", "command": "C", "series": ["rain"]},
+        ]
+    )
     assert list(cfg.series_names() or []) == ["soil.moist", "soil.temp", "rain"]
     assert cfg.sensors[1].concurrent
     assert sdi(sensors=[{"address": "0"}]).series_names() is None

@@ -12,8 +12,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gateway.sandbox.serial_sim import sdi12_crc, sdi12_crc_chars, sdi12_data_reply
-from gateway.sources.line_parsers import LineRejected, decode_line
-from gateway.sources.sdi12 import Sdi12Error, decode_reply, parse_data
+from gateway.sources.serial.parsers import LineRejected, decode_line
+from gateway.sources.serial.sdi12 import Sdi12Error, decode_reply, parse_data
 
 DEL = "\x7f"
 
@@ -100,9 +100,7 @@ def test_other_serial_lines_still_reject_del() -> None:
 @given(
     address=st.sampled_from("0123456789abzAZ"),
     values=st.lists(
-        st.floats(min_value=-9999.0, max_value=9999.0, allow_nan=False).map(
-            lambda v: round(v, 3)
-        ),
+        st.floats(min_value=-9999.0, max_value=9999.0, allow_nan=False).map(lambda v: round(v, 3)),
         max_size=5,
     ),
 )

@@ -14,17 +14,20 @@ from structlog.testing import capture_logs
 
 from gateway.models import Reading
 from gateway.sources.base import SourceStats
-from gateway.sources.line_parsers import (
+from gateway.sources.serial.config import (
     LineFormatConfig,
+    NmeaConfig,
+    Sdi12Config,
+    SerialLinesConfig,
+    resolve_zone,
+)
+from gateway.sources.serial.parsers import (
     LineInterpreter,
     LineRejected,
     decode_line,
     parse_timestamp,
-    resolve_zone,
 )
-from gateway.sources.nmea import NmeaConfig
-from gateway.sources.sdi12 import Sdi12Config
-from gateway.sources.serial import Discarded, FaultLog, LineFramer, SerialLinesConfig
+from gateway.sources.serial.port import Discarded, FaultLog, LineFramer
 
 ARRIVAL = 1_700_000_000_000
 
@@ -217,9 +220,7 @@ def test_timestamp_formats() -> None:
 
 
 def test_line_without_its_timestamp_is_rejected() -> None:
-    it = interp(
-        parser={"kind": "keyvalue"}, timestamp={"field": "t", "format": "epoch_s"}
-    )
+    it = interp(parser={"kind": "keyvalue"}, timestamp={"field": "t", "format": "epoch_s"})
     assert it.interpret("t=1700000000 v=1", 0) == [Reading("log.v", 1700000000000, 1.0)]
     assert rejected_kind(it, "v=1") == "timestamp"
 
@@ -248,10 +249,14 @@ def test_ignored_lines() -> None:
         ({"parser": {"kind": "delimited", "columns": ["a"]}, "series": {"b": "x"}}, "unknown"),
         ({"parser": {"kind": "delimited", "columns": ["a"]}, "decimal_comma": True}, "delimiter"),
         ({"parser": {"kind": "keyvalue"}, "encoding": "klingon"}, "unknown encoding"),
-        ({"parser": {"kind": "keyvalue"}, "timestamp": {"field": "t", "timezone": "Mars/Base"}},
-         "unknown timezone"),
-        ({"parser": {"kind": "keyvalue"}, "timestamp": {"field": "t", "format": "Y-m-d"}},
-         "strptime"),
+        (
+            {"parser": {"kind": "keyvalue"}, "timestamp": {"field": "t", "timezone": "Mars/Base"}},
+            "unknown timezone",
+        ),
+        (
+            {"parser": {"kind": "keyvalue"}, "timestamp": {"field": "t", "format": "Y-m-d"}},
+            "strptime",
+        ),
     ],
 )
 def test_config_errors(cfg: dict[str, Any], message: str) -> None:
@@ -262,8 +267,12 @@ def test_config_errors(cfg: dict[str, Any], message: str) -> None:
 def test_serial_lines_config_series_names() -> None:
     base = {"type": "serial_lines", "name": "wx", "port": "/dev/ttyUSB0"}
     cfg = SerialLinesConfig.model_validate(
-        {**base, "parser": {"kind": "delimited", "columns": ["t", "temp", "-", "rh"]},
-         "timestamp": {"field": "t"}, "series": {"rh": "site.rh"}}
+        {
+            **base,
+            "parser": {"kind": "delimited", "columns": ["t", "temp", "-", "rh"]},
+            "timestamp": {"field": "t"},
+            "series": {"rh": "site.rh"},
+        }
     )
     assert list(cfg.series_names() or []) == ["wx.temp", "site.rh"]
     kv = SerialLinesConfig.model_validate({**base, "parser": {"kind": "keyvalue"}})
@@ -279,11 +288,15 @@ def test_serial_lines_config_series_names() -> None:
 # -- properties ---------------------------------------------------------------------------------
 
 PARSERS: list[dict[str, Any]] = [
-    {"parser": {"kind": "delimited", "columns": ["t", "a", "b"]},
-     "timestamp": {"field": "t", "format": "%Y-%m-%d %H:%M:%S", "timezone": "Europe/Oslo"}},
+    {
+        "parser": {"kind": "delimited", "columns": ["t", "a", "b"]},
+        "timestamp": {"field": "t", "format": "%Y-%m-%d %H:%M:%S", "timezone": "Europe/Oslo"},
+    },
     {"parser": {"kind": "keyvalue"}, "timestamp": {"field": "t", "format": "epoch_s"}},
-    {"parser": {"kind": "regex", "pattern": r"(?P<a>\S+) (?P<b>\S+)", "match": "search"},
-     "non_numeric": "string"},
+    {
+        "parser": {"kind": "regex", "pattern": r"(?P<a>\S+) (?P<b>\S+)", "match": "search"},
+        "non_numeric": "string",
+    },
     {"parser": {"kind": "delimited", "delimiter": "whitespace", "columns": ["a", "b"]}},
 ]
 
@@ -312,8 +325,11 @@ def test_numbers_round_trip_through_a_delimited_line(a: float, b: float) -> None
     assert [r.value for r in out] == [a, b]
 
 
-@given(st.dictionaries(st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,8}", fullmatch=True), finite,
-                       min_size=1, max_size=6))
+@given(
+    st.dictionaries(
+        st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,8}", fullmatch=True), finite, min_size=1, max_size=6
+    )
+)
 def test_keyvalue_round_trip(values: dict[str, float]) -> None:
     it = interp(parser={"kind": "keyvalue"})
     out = it.interpret(" ".join(f"{k}={v!r}" for k, v in values.items()), ARRIVAL)
@@ -333,8 +349,12 @@ def test_fault_log_is_loud_once_per_burst() -> None:
         faults.good()
         faults.rejected("decode", "bad byte")
     levels = [(e["log_level"], e.get("kind")) for e in logs if e["event"] == "input_rejected"]
-    assert levels == [("warning", "decode"), ("debug", "decode"), ("warning", "parse"),
-                      ("warning", "decode")]
+    assert levels == [
+        ("warning", "decode"),
+        ("debug", "decode"),
+        ("warning", "parse"),
+        ("warning", "decode"),
+    ]
     assert stats.rejected == 4 and stats.errors == 0
     assert stats.detail["faults"] == {"decode": 3, "parse": 1}
     faults.error("port_lost", "hung up")
@@ -344,7 +364,7 @@ def test_fault_log_is_loud_once_per_burst() -> None:
 # -- sample config sections (to become config/samples/*.toml once the types are registered) ----
 
 SAMPLES = {
-    "serial_lines": '''
+    "serial_lines": """
 # Sample: a line logger on a USB serial adapter. One record per line, parsed into readings.
 [[sources]]
 name = "weather"
@@ -367,8 +387,8 @@ ignore_pattern = "^(#|Logger)"  # banners and comments are skipped quietly
   timezone = "Europe/Copenhagen"
   [sources.series]
   rh = "site.humidity"          # explicit series for a column
-''',
-    "nmea": '''
+""",
+    "nmea": """
 # Sample: a GPS receiver (NMEA 0183, GGA and RMC). Publishes its fix for position_from.
 [[sources]]
 name = "gps"
@@ -380,8 +400,8 @@ max_hdop = 5.0
 max_fix_age_s = 10              # readings carry a fix at most this old
 emit = ["lat", "lon", "alt", "satellites", "fix_quality"]   # own series, from GGA
 min_interval_s = 60             # at most one set of own readings a minute
-''',
-    "sdi12": '''
+""",
+    "sdi12": """
 # Sample: SDI-12 sensors behind a transparent USB adapter (9600 8N1). Raw SDI-12 adapters:
 # baudrate = 1200, bytesize = 7, parity = "E", break_ms = 12.
 [[sources]]
@@ -399,12 +419,14 @@ retries = 2
   [[sources.sensors]]
   address = "1"                 # values become soil.1.1, soil.1.2, ...
   command = "C"
-''',
+""",
 }
 
 
 MODELS: dict[str, type[SerialLinesConfig | NmeaConfig | Sdi12Config]] = {
-    "serial_lines": SerialLinesConfig, "nmea": NmeaConfig, "sdi12": Sdi12Config,
+    "serial_lines": SerialLinesConfig,
+    "nmea": NmeaConfig,
+    "sdi12": Sdi12Config,
 }
 
 

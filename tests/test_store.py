@@ -24,7 +24,9 @@ def cfg(tmp_path: Path) -> StoreConfig:
     return StoreConfig(path=tmp_path / "q.db", commit_interval_ms=20)
 
 
-async def opened(cfg: StoreConfig, routes: dict[str, list[str]]) -> tuple[Store, asyncio.Task[None]]:
+async def opened(
+    cfg: StoreConfig, routes: dict[str, list[str]]
+) -> tuple[Store, asyncio.Task[None]]:
     store = await Store.open(cfg, routes)
     return store, asyncio.create_task(store.run(), name="store:writer")
 
@@ -76,8 +78,9 @@ async def test_each_uplink_gets_only_its_series_and_readings_go_when_all_are_don
     store: Store, cfg: StoreConfig
 ) -> None:
     t = now_ms()
-    await store.ingest([Reading("s1", t, 1), Reading("s2", t, 2), Reading("s3", t, 3)],
-                       durable=True)
+    await store.ingest(
+        [Reading("s1", t, 1), Reading("s2", t, 2), Reading("s3", t, 3)], durable=True
+    )
     la = await store.lease("a", 10)
     lb = await store.lease("b", 10)
     assert la is not None and lb is not None
@@ -172,8 +175,9 @@ async def test_quota_evicts_oldest_counts_per_uplink_and_keeps_newest(tmp_path: 
     s, t = await opened(cfg, {"a": ["s1"], "b": ["s2"]})
     base = now_ms()
     n = 60_000
-    await s.ingest([Reading("s1" if i % 2 else "s2", base + i, float(i)) for i in range(n)],
-                   durable=True)
+    await s.ingest(
+        [Reading("s1" if i % 2 else "s2", base + i, float(i)) for i in range(n)], durable=True
+    )
     await s.maintain()
     stats = s.stats()
     assert stats["bytes"] <= cfg.quota_bytes
@@ -259,12 +263,16 @@ async def test_concurrent_completions_keep_every_mark(store: Store) -> None:
     await store.ingest([Reading("s1", t + i, i) for i in range(200)], durable=True)
     leases = [await store.lease("a", 50, live_first=False) for _ in range(4)]
     assert all(lease is not None for lease in leases)
-    await asyncio.gather(*(store.complete(lease, [i.id for i in lease.items], {})  # type: ignore[union-attr]
-                           for lease in leases))
+    await asyncio.gather(
+        *(
+            store.complete(lease, [i.id for i in lease.items], {})  # type: ignore[union-attr]
+            for lease in leases
+        )
+    )
     assert await store.lease("a", 10) is None
     assert store.uplink_stats("a")["backlog"] == 0
     # And as persisted: a reopened store agrees.
-    assert store._cursors["a"].done.floor >= 200
+    assert store.done_floor("a") >= 200
 
 
 async def test_ids_are_never_reused_after_everything_was_delivered_and_pruned(
@@ -312,9 +320,9 @@ async def test_an_uplink_routed_every_known_series_still_skips_a_series_added_la
     try:
         ts = now_ms()
         await s.ingest([Reading("s1", ts, 1), Reading("s2", ts, 2)], durable=True)
-        assert s._cursors["a"].sql_series == "1"
+        assert s.series_sql("a") == "1"
         await s.ingest([Reading("s9", ts, 9), Reading("s1", ts + 1, 3)], durable=True)
-        assert s._cursors["a"].sql_series.startswith("series IN")
+        assert s.series_sql("a").startswith("series IN")
         la = await s.lease("a", 10, live_first=False)
         assert la is not None
         assert [(i.series, i.value) for i in la.items] == [("s1", 1), ("s2", 2), ("s1", 3)]
@@ -331,8 +339,15 @@ async def test_a_pattern_route_takes_series_as_they_appear_and_after_a_restart(
     s, t = await opened(cfg, {"a": ["u*.r*", "x"], "b": ["u1.r0"]})
     ts = now_ms()
     try:
-        await s.ingest([Reading("u1.r0", ts, 1), Reading("u2.r5", ts, 2), Reading("v1.r0", ts, 3),
-                        Reading("x", ts, 4)], durable=True)
+        await s.ingest(
+            [
+                Reading("u1.r0", ts, 1),
+                Reading("u2.r5", ts, 2),
+                Reading("v1.r0", ts, 3),
+                Reading("x", ts, 4),
+            ],
+            durable=True,
+        )
         assert s.uplink_stats("a")["backlog"] == 3 and s.uplink_stats("b")["backlog"] == 1
         la = await s.lease("a", 10, live_first=False)
         assert la is not None

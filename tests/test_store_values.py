@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from gateway.configbase import StoreConfig
 from gateway.errors import StoreError, StoreUnusable
 from gateway.models import Reading, Value
-from gateway.sources.modbus_decode import (
+from gateway.sources.modbus.decode import (
     DATA_TYPES,
     ORDERS,
     FieldSpec,
@@ -78,8 +78,14 @@ def test_every_value_a_modbus_decoder_yields_is_stored_exactly(
 ) -> None:
     values: list[Value] = []
     for dtype, order, data in cases:
-        spec = FieldSpec("s", "holding", 0, dtype, order=order,  # type: ignore[arg-type]
-                         length=8 if dtype == "string" else None)
+        spec = FieldSpec(
+            "s",
+            "holding",
+            0,
+            dtype,
+            order=order,  # type: ignore[arg-type]
+            length=8 if dtype == "string" else None,
+        )
         raw = decode_raw(spec.dtype, data, spec.order)
         assert same(make_decoder(spec)(data, 0), raw)
         values.append(raw)
@@ -157,13 +163,15 @@ async def test_a_commit_repeated_after_cancellation_is_not_a_collision(tmp_path:
     t = now_ms()
     first = store.next_id()
     with sqlite3.connect(path) as raw:  # as if our own COMMIT had landed before a cancellation
-        raw.execute("INSERT INTO readings (id, series, ts, value) VALUES (?, 1, ?, 1.0)",
-                    (first, t))
+        raw.execute(
+            "INSERT INTO readings (id, series, ts, value) VALUES (?, 1, ?, 1.0)", (first, t)
+        )
     await store.ingest([Reading("s", t, 1.0), Reading("s", t + 1, 2.0)])
     await store.aclose()
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT id, value FROM readings ORDER BY id").fetchall() == [
-            (first, 1.0), (first + 1, 2.0)
+            (first, 1.0),
+            (first + 1, 2.0),
         ]
 
 

@@ -42,8 +42,12 @@ def test_unit_has_what_the_daemon_relies_on() -> None:
 
 
 def test_exposure_is_at_most_2() -> None:
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(UNIT)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", proc.stdout)
     assert m is not None, proc.stdout + proc.stderr
     assert float(m.group(1)) <= 2.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import tomllib
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -18,9 +17,9 @@ from pydantic import ValidationError
 from gateway.configbase import Secret
 from gateway.models import StoredReading
 from gateway.uplinks.base import Outcome
-from gateway.uplinks.vanda import VandaConfig, VandaRoute, VandaUplink
-from gateway.uplinks.vanda_answer import read_answer
-from gateway.uplinks.vanda_tables import (
+from gateway.uplinks.vanda.answer import read_answer
+from gateway.uplinks.vanda.config import VandaConfig, VandaRoute
+from gateway.uplinks.vanda.tables import (
     EXAMINATION_TYPES,
     ExaminationType,
     compare_tables,
@@ -29,6 +28,7 @@ from gateway.uplinks.vanda_tables import (
     parse_time,
     round_result,
 )
+from gateway.uplinks.vanda.uplink import VandaUplink
 
 SAMPLE = Path(__file__).resolve().parents[1] / "config" / "samples" / "vanda.toml"
 
@@ -162,23 +162,6 @@ def test_the_sample_config_section_validates() -> None:
     cfg = VandaConfig.model_validate(section)
     assert [r.min_interval_s for r in cfg.routes] == [900, 300, 300]
     assert cfg.routes[2].mode == "update"
-
-
-def test_config_module_does_not_import_httpx() -> None:
-    import subprocess
-
-    code = (
-        "import sys, gateway.uplinks.vanda; "
-        "print(any(m.split('.')[0] in ('httpx', 'aiohttp') for m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert out.stdout.strip() == "False"
 
 
 # -- rounding --------------------------------------------------------------------------------
@@ -391,3 +374,19 @@ def test_service_table_round_trips_and_compares() -> None:
     ]
     with pytest.raises(ValueError, match=r"\[0\]"):
         parse_examination_types([{"examinationTypeSc": 25}])
+
+
+def test_the_emulators_transcription_agrees_with_the_builtin_table() -> None:
+    """Two transcriptions of the document (the uplink's and the emulator's, written apart) must
+    describe the same table; the emulator imports nothing of the uplink's."""
+    from gateway.sandbox import vanda_tables as emulator
+
+    served = [t.to_json() for t in emulator.EXAMINATION_TYPES.values()]
+    assert compare_tables(EXAMINATION_TYPES, parse_examination_types(served)) == []
+    assert config().batch_max_items == emulator.MAX_MEASUREMENTS_PER_REQUEST
+    for text in ("2023-09-21T14:34Z", "2023-10-13T04:50:33.370Z", "2024-02-29T23:59:31+00:00"):
+        ours, theirs = parse_time(text), emulator.read_time(text)
+        assert (theirs.minute_ms, theirs.nearest_minute_ms) == (ours.minute, ours.nearest_minute)
+        assert emulator.minute_text(theirs.minute_ms) == format_minute(ours.minute)
+    for value, decimals in ((2.25, 1), (2.675, 2), (-2.25, 1), (12.3456, 3), (-0.04, 1)):
+        assert emulator.stored_result(value, decimals) == round_result(value, decimals)

@@ -74,18 +74,24 @@ UPLOAD_PATH = "/api/external/v1/inputs/{input_pk}/inputdata/"
 #: "any": every non-blank text; "number": the text of a finite number.
 InputKind = Literal["any", "number"]
 
-_TIMESTAMP = re.compile(
-    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})$"
-)
+_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})$")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _TIMESTAMP_FORMAT = (
     "Datetime has wrong format. Use one of these formats instead: "
     "YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z]."
 )
 _ATTRIBUTES = ("value", "timestamp", "latitude", "longitude")
-_CODES = {400: "invalid", 401: "not_authenticated", 403: "permission_denied", 404: "not_found",
-          406: "not_acceptable", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
-          429: "throttled"}
+_CODES = {
+    400: "invalid",
+    401: "not_authenticated",
+    403: "permission_denied",
+    404: "not_found",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "throttled",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +130,12 @@ def _error_object(status: int, err: ApiError) -> dict[str, Any]:
         title = HTTPStatus(status).phrase
     except ValueError:
         title = "Error"
-    obj: dict[str, Any] = {"status": str(status), "code": err.code, "title": title,
-                           "detail": err.detail}
+    obj: dict[str, Any] = {
+        "status": str(status),
+        "code": err.code,
+        "title": title,
+        "detail": err.detail,
+    }
     if err.pointer is not None:
         obj["source"] = {"pointer": err.pointer}
     return obj
@@ -166,8 +176,10 @@ def validate(doc: object, input_pk: str, kind: InputKind) -> dict[str, Any]:
     :class:`DocumentError` (409/403 for the first conflict, else 400 with every field problem)."""
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, dict):
-        raise DocumentError(400, [ApiError("Received document does not contain primary data",
-                                           "/data", "parse_error")])
+        raise DocumentError(
+            400,
+            [ApiError("Received document does not contain primary data", "/data", "parse_error")],
+        )
     linkage = _sensor_linkage(data)
     _check_conflicts(data, linkage)
     errors: list[ApiError] = []
@@ -177,18 +189,27 @@ def validate(doc: object, input_pk: str, kind: InputKind) -> dict[str, Any]:
     if not isinstance(attrs, dict):
         errors.append(ApiError("This field is required.", "/data/attributes", "required"))
         attrs = {}
-    errors.extend(ApiError("Unknown attribute; the document defines value, timestamp, latitude "
-                           "and longitude.", f"/data/attributes/{name}", "unknown")
-                  for name in attrs if name not in _ATTRIBUTES)
+    errors.extend(
+        ApiError(
+            "Unknown attribute; the document defines value, timestamp, latitude and longitude.",
+            f"/data/attributes/{name}",
+            "unknown",
+        )
+        for name in attrs
+        if name not in _ATTRIBUTES
+    )
     _check_value(attrs.get("value"), kind, errors)
     _check_timestamp(attrs.get("timestamp"), errors)
     _check_position(attrs.get("latitude"), attrs.get("longitude"), errors)
     if not isinstance(linkage, dict):
-        errors.append(ApiError("This field is required.", "/data/relationships/sensor",
-                               "required"))
+        errors.append(ApiError("This field is required.", "/data/relationships/sensor", "required"))
     elif linkage.get("id") != input_pk:
-        errors.append(ApiError(f"The sensor does not match the input of the URL ({input_pk}).",
-                               "/data/relationships/sensor"))
+        errors.append(
+            ApiError(
+                f"The sensor does not match the input of the URL ({input_pk}).",
+                "/data/relationships/sensor",
+            )
+        )
     if errors:
         raise DocumentError(400, errors)
     return attrs
@@ -204,16 +225,33 @@ def _check_conflicts(data: dict[str, Any], linkage: object) -> None:
     """JSON:API's own answers: 409 for a type the endpoint does not hold, 403 for a client id."""
     rtype = data.get("type")
     if rtype is not None and rtype != "SensorData":
-        raise DocumentError(409, [ApiError(
-            f"The resource object's type ({rtype}) is not the type that constitute the "
-            "collection represented by the endpoint (SensorData).", "/data/type", "conflict")])
+        raise DocumentError(
+            409,
+            [
+                ApiError(
+                    f"The resource object's type ({rtype}) is not the type that constitute the "
+                    "collection represented by the endpoint (SensorData).",
+                    "/data/type",
+                    "conflict",
+                )
+            ],
+        )
     if isinstance(linkage, dict) and linkage.get("type") != "Sensor":
-        raise DocumentError(409, [ApiError(
-            f"Incorrect relation type. Expected Sensor, received {linkage.get('type')}.",
-            "/data/relationships/sensor", "incorrect_type")])
+        raise DocumentError(
+            409,
+            [
+                ApiError(
+                    f"Incorrect relation type. Expected Sensor, received {linkage.get('type')}.",
+                    "/data/relationships/sensor",
+                    "incorrect_type",
+                )
+            ],
+        )
     if data.get("id") not in (None, "null"):
-        raise DocumentError(403, [ApiError("Client-generated ids are not supported.",
-                                           "/data/id", "permission_denied")])
+        raise DocumentError(
+            403,
+            [ApiError("Client-generated ids are not supported.", "/data/id", "permission_denied")],
+        )
 
 
 def _check_value(value: object, kind: InputKind, errors: list[ApiError]) -> None:
@@ -239,8 +277,11 @@ def _check_timestamp(stamp: object, errors: list[ApiError]) -> None:
 def _check_position(lat: object, lon: object, errors: list[ApiError]) -> None:
     if (lat is None) != (lon is None):
         missing = "longitude" if lon is None else "latitude"
-        errors.append(ApiError("latitude and longitude go together.",
-                               f"/data/attributes/{missing}", "required"))
+        errors.append(
+            ApiError(
+                "latitude and longitude go together.", f"/data/attributes/{missing}", "required"
+            )
+        )
     if lat is not None:
         _text_number(lat, "/data/attributes/latitude", -90, 90, errors)
     if lon is not None:
@@ -290,8 +331,9 @@ class DatacooeeEmulator(Emulator):
             self.inputs = dict(inputs)
         else:
             self.inputs = dict.fromkeys(inputs, "any")
-        self.limiter = (SlidingWindowLimiter(rate_limit, rate_period_s, clock)
-                        if rate_limit else None)
+        self.limiter = (
+            SlidingWindowLimiter(rate_limit, rate_period_s, clock) if rate_limit else None
+        )
         self.max_body_bytes = max_body_bytes
         self.accepted: list[InputData] = []
         self.in_flight = 0
@@ -307,14 +349,19 @@ class DatacooeeEmulator(Emulator):
         return self.max_body_bytes
 
     def error_body(self, status: int, message: str) -> object:
-        return {"errors": [_error_object(status, ApiError(message, None,
-                                                          _CODES.get(status, "error")))]}
+        return {
+            "errors": [_error_object(status, ApiError(message, None, _CODES.get(status, "error")))]
+        }
 
     def error_response(
         self, status: int, message: str, headers: Mapping[str, str] | None = None
     ) -> web.Response:
-        return web.json_response(self.error_body(status, message), status=status,
-                                 headers=dict(headers or {}), content_type=MEDIA_TYPE)
+        return web.json_response(
+            self.error_body(status, message),
+            status=status,
+            headers=dict(headers or {}),
+            content_type=MEDIA_TYPE,
+        )
 
     # -- test controls -----------------------------------------------------------------------
 
@@ -373,8 +420,11 @@ class DatacooeeEmulator(Emulator):
         wait = self.limiter.acquire(org)
         if wait is not None:
             seconds = max(1, math.ceil(wait))
-            raise Reject(429, f"Request was throttled. Expected available in {seconds} seconds.",
-                         {"Retry-After": str(seconds)})
+            raise Reject(
+                429,
+                f"Request was throttled. Expected available in {seconds} seconds.",
+                {"Retry-After": str(seconds)},
+            )
 
     def _input_kind(self, input_pk: str) -> InputKind:
         if self.inputs is None:
@@ -405,9 +455,13 @@ class DatacooeeEmulator(Emulator):
         raw = await read_body(request, self.max_body_bytes)
         attrs = validate(parse_json(raw), input_pk, kind)
         record = InputData(
-            id=str(self._next_id), input_pk=input_pk, value=attrs["value"],
-            timestamp=attrs["timestamp"], latitude=attrs.get("latitude"),
-            longitude=attrs.get("longitude"), raw=raw,
+            id=str(self._next_id),
+            input_pk=input_pk,
+            value=attrs["value"],
+            timestamp=attrs["timestamp"],
+            latitude=attrs.get("latitude"),
+            longitude=attrs.get("longitude"),
+            raw=raw,
         )
         self._next_id += 1
         self.accepted.append(record)
@@ -425,17 +479,22 @@ class DatacooeeEmulator(Emulator):
         if rec.latitude is not None:
             attributes["latitude"] = rec.latitude
             attributes["longitude"] = rec.longitude
-        return {"data": {
-            "type": "SensorData", "id": rec.id, "attributes": attributes,
-            "relationships": {"sensor": {"data": {"type": "Sensor", "id": rec.input_pk}}},
-        }}
+        return {
+            "data": {
+                "type": "SensorData",
+                "id": rec.id,
+                "attributes": attributes,
+                "relationships": {"sensor": {"data": {"type": "Sensor", "id": rec.input_pk}}},
+            }
+        }
 
 
 async def _serve(emu: DatacooeeEmulator) -> None:
     async with emu:
         # A plain line for scripts to read the chosen port from.
-        print(f"datacooee emulator listening on {emu.url} "
-              f"(POST {emu.url}{UPLOAD_PATH})", flush=True)
+        print(
+            f"datacooee emulator listening on {emu.url} (POST {emu.url}{UPLOAD_PATH})", flush=True
+        )
         await asyncio.Event().wait()  # until Ctrl-C cancels us
 
 
@@ -446,8 +505,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8704)
     parser.add_argument("--organization-id", default="demo-org")
     parser.add_argument("--api-key", default="demo-key")
-    parser.add_argument("--input", action="append", default=[], metavar="ID[:number]",
-                        help="a known input id (repeat); none given: every id is known")
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="ID[:number]",
+        help="a known input id (repeat); none given: every id is known",
+    )
     parser.add_argument("--rate-limit", type=int, default=0, help="requests per period (0: off)")
     parser.add_argument("--rate-period", type=float, default=60.0, help="seconds")
     args = parser.parse_args(argv)
@@ -457,9 +521,15 @@ def main(argv: list[str] | None = None) -> None:
         for spec in args.input:
             pk, _, kind = spec.partition(":")
             inputs[pk] = "number" if kind == "number" else "any"
-    emu = DatacooeeEmulator(args.organization_id, args.api_key, inputs=inputs,
-                            rate_limit=args.rate_limit or None, rate_period_s=args.rate_period,
-                            host=args.host, port=args.port)
+    emu = DatacooeeEmulator(
+        args.organization_id,
+        args.api_key,
+        inputs=inputs,
+        rate_limit=args.rate_limit or None,
+        rate_period_s=args.rate_period,
+        host=args.host,
+        port=args.port,
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(emu))
 

@@ -70,8 +70,9 @@ async def _stand_ins(
     where: dict[str, str] = {}
     qatium = QatiumEmulator(token=DEMO_TOKENS["FIELDGATE_DEMO_QATIUM_TOKEN"], port=QATIUM_PORT)
     where["qatium"] = (await stack.enter_async_context(qatium)).url
-    nilu = NiluEmulator(demo_sensors(), token=DEMO_TOKENS["FIELDGATE_DEMO_NILU_TOKEN"],
-                        port=NILU_PORT)
+    nilu = NiluEmulator(
+        demo_sensors(), token=DEMO_TOKENS["FIELDGATE_DEMO_NILU_TOKEN"], port=NILU_PORT
+    )
     where["nilu"] = (await stack.enter_async_context(nilu)).url
     vanda = VandaEmulator(
         {DEMO_TOKENS["FIELDGATE_DEMO_VANDA_CLIENT"]: DEMO_TOKENS["FIELDGATE_DEMO_VANDA_SECRET"]},
@@ -80,8 +81,12 @@ async def _stand_ins(
     where["vanda"] = (await stack.enter_async_context(vanda)).url
     from gateway.sandbox.datacooee import DatacooeeEmulator
 
-    datacooee = DatacooeeEmulator("demo-org", DEMO_TOKENS["FIELDGATE_DEMO_DATACOOEE_KEY"],
-                                  inputs=["senriver1temp", "senvantemp"], port=DATACOOEE_PORT)
+    datacooee = DatacooeeEmulator(
+        "demo-org",
+        DEMO_TOKENS["FIELDGATE_DEMO_DATACOOEE_KEY"],
+        inputs=["senriver1temp", "senvantemp"],
+        port=DATACOOEE_PORT,
+    )
     where["datacooee"] = (await stack.enter_async_context(datacooee)).url
     from gateway.sandbox.mosquitto import Mosquitto
 

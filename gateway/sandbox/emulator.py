@@ -393,7 +393,7 @@ class Emulator:
     async def wait_for(
         self,
         predicate: Callable[[], bool],
-        timeout: float = 5.0,  # noqa: ASYNC109 - a wait without a bound hangs a failing test
+        timeout: float = 5.0,
     ) -> None:
         """Return once ``predicate()`` is true; re-checked after every answered request and
         every state change. Raises TimeoutError after ``timeout`` seconds."""

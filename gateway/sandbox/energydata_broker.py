@@ -81,8 +81,8 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 def _string(body: bytes, pos: int) -> tuple[bytes, int]:
-    n = int.from_bytes(body[pos:pos + 2], "big")
-    return body[pos + 2:pos + 2 + n], pos + 2 + n
+    n = int.from_bytes(body[pos : pos + 2], "big")
+    return body[pos + 2 : pos + 2 + n], pos + 2 + n
 
 
 def parse_connect(body: bytes) -> tuple[str, str | None]:
@@ -112,7 +112,7 @@ def parse_publish(first: int, body: bytes) -> _Publish:
     qos = (first >> 1) & 3
     pid = None
     if qos:
-        pid = int.from_bytes(body[pos:pos + 2], "big")
+        pid = int.from_bytes(body[pos : pos + 2], "big")
         pos += 2
     return _Publish(first, body, topic.decode(errors="replace"), pid, body[pos:])
 
@@ -134,8 +134,15 @@ class _Client:
 class EnergydataBroker:
     """The front (module docstring). One instance per test; not reusable after ``aclose``."""
 
-    def __init__(self, upstream: tuple[str, int], *, tokens: Mapping[str, Iterable[str]],
-                 queue_limit: int = 1000, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        *,
+        tokens: Mapping[str, Iterable[str]],
+        queue_limit: int = 1000,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self.upstream = upstream
         self.tokens = {t: list(filters) for t, filters in tokens.items()}
         self.queue_limit = queue_limit
@@ -270,9 +277,11 @@ class EnergydataBroker:
         up_writer.write(encode_packet(first, body))
         try:
             async with asyncio.TaskGroup() as tg:
-                c.tasks = [tg.create_task(self._from_client(c, reader)),
-                           tg.create_task(self._dequeue(c)),
-                           tg.create_task(self._from_broker(c, up_reader))]
+                c.tasks = [
+                    tg.create_task(self._from_client(c, reader)),
+                    tg.create_task(self._dequeue(c)),
+                    tg.create_task(self._from_broker(c, up_reader)),
+                ]
                 for t in c.tasks:  # the first to end (EOF, denial) ends the session
                     t.add_done_callback(lambda _t: self._close(c))
         finally:
@@ -334,8 +343,12 @@ class EnergydataBroker:
             if not any(topic_matches(f, msg.topic) for f in self.tokens.get(c.token, ())):
                 self.denied.append((c.client_id, msg.topic))
                 self.discarded += len(c.queue)
-                log.info("energydata_broker_denied", client_id=c.client_id, topic=msg.topic,
-                         discarded=len(c.queue))
+                log.info(
+                    "energydata_broker_denied",
+                    client_id=c.client_id,
+                    topic=msg.topic,
+                    discarded=len(c.queue),
+                )
                 self._close(c)
                 self._changed()
                 return

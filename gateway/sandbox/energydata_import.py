@@ -84,9 +84,15 @@ class ImportJob:
     outcome_errors: list[dict[str, object]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, object]:
-        return {"user_id": USER_ID, "status": self.status, "name": self.name,
-                "updated_at": self.updated_at, "created_at": self.created_at, "id": self.id,
-                "errors": self.errors}
+        return {
+            "user_id": USER_ID,
+            "status": self.status,
+            "name": self.name,
+            "updated_at": self.updated_at,
+            "created_at": self.created_at,
+            "id": self.id,
+            "errors": self.errors,
+        }
 
 
 def _stamp() -> str:
@@ -104,8 +110,9 @@ def parse_ts(text: str) -> int | None:
     return int(dt.timestamp()) * 1000 + int(text[20:23])
 
 
-def validate_csv(data: bytes, datastreams: Iterable[Datastream]
-                 ) -> tuple[list[tuple[int, int, object]], list[dict[str, object]]]:
+def validate_csv(
+    data: bytes, datastreams: Iterable[Datastream]
+) -> tuple[list[tuple[int, int, object]], list[dict[str, object]]]:
     """(rows as (datastream id, ms, value), errors) per the module docstring."""
     by_key: dict[str, Datastream] = {}
     for ds in datastreams:
@@ -180,10 +187,19 @@ class EnergydataImportEmulator(Emulator):
 
     name = "energydata-import"
 
-    def __init__(self, token: str = "import-token", *, datastreams: Iterable[Datastream] = (),
-                 forbidden_tokens: Iterable[str] = (), polls_per_phase: int = 1,
-                 url_ttl_s: float = 7200.0, max_file_bytes: int = 512 * 1024 * 1024,
-                 host: str = "127.0.0.1", port: int = 0, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        token: str = "import-token",
+        *,
+        datastreams: Iterable[Datastream] = (),
+        forbidden_tokens: Iterable[str] = (),
+        polls_per_phase: int = 1,
+        url_ttl_s: float = 7200.0,
+        max_file_bytes: int = 512 * 1024 * 1024,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Clock = time.monotonic,
+    ) -> None:
         """``clock`` drives the presigned URLs' expiry."""
         super().__init__(host=host, port=port, clock=clock)
         self.auth = BearerAuth({token: {"import", "read"}})
@@ -235,8 +251,11 @@ class EnergydataImportEmulator(Emulator):
 
     def _job(self, request: web.Request) -> ImportJob:
         self.auth.require(request, "import")
-        job = self.imports.get(int(request.match_info["id"])) \
-            if request.match_info["id"].isdigit() else None
+        job = (
+            self.imports.get(int(request.match_info["id"]))
+            if request.match_info["id"].isdigit()
+            else None
+        )
         if job is None:
             raise Reject(404, "import not found")
         return job
@@ -274,10 +293,12 @@ class EnergydataImportEmulator(Emulator):
         expires = str(int(self.url_ttl_s))
         sig = self._sign(path, date, expires)
         self._issued[key] = (job.id, self.clock())
-        query = ("X-Amz-Content-Sha256=UNSIGNED-PAYLOAD&X-Amz-Algorithm=AWS4-HMAC-SHA256&"
-                 f"X-Amz-Credential=edk-s3root%2F{date[:8]}%2Fdefault%2Fs3%2Faws4_request&"
-                 f"X-Amz-Date={date}&X-Amz-Expires={expires}&X-Amz-SignedHeaders=host&"
-                 f"X-Amz-Signature={sig}")
+        query = (
+            "X-Amz-Content-Sha256=UNSIGNED-PAYLOAD&X-Amz-Algorithm=AWS4-HMAC-SHA256&"
+            f"X-Amz-Credential=edk-s3root%2F{date[:8]}%2Fdefault%2Fs3%2Faws4_request&"
+            f"X-Amz-Date={date}&X-Amz-Expires={expires}&X-Amz-SignedHeaders=host&"
+            f"X-Amz-Signature={sig}"
+        )
         return web.json_response({"upload_url": f"{self.url}{path}?{query}"})
 
     def _sign(self, path: str, date: str, expires: str) -> str:
@@ -357,17 +378,23 @@ class EnergydataImportEmulator(Emulator):
                 series = [(ms, v) for ms, v in series if lo <= ms <= hi]
             for ms, v in series:
                 out.write(f"{ds_id},{ms},{v}\r\n")
-        return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8",
-                            headers={"Content-Disposition": "attachment; filename=data.csv"})
+        return web.Response(
+            text=out.getvalue(),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={"Content-Disposition": "attachment; filename=data.csv"},
+        )
 
 
 def _span(lo: str | None, hi: str | None) -> tuple[int, int]:
     def ms(text: str) -> int:
         try:
-            return int(datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").replace(
-                tzinfo=UTC).timestamp() * 1000)
+            return int(
+                datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp() * 1000
+            )
         except ValueError:
             raise Reject(422, f"{text!r} is not YYYY-mm-ddTHH:MM:SS") from None
+
     if lo is None or hi is None:
         raise Reject(422, "give latest=true, or both from and to")
     return ms(lo), ms(hi) + 999  # both inclusive, to the second

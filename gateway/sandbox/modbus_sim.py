@@ -1,6 +1,7 @@
 """A Modbus device simulator on pymodbus' server: any register map, changing values, faults.
 
-``ModbusSimulator`` serves one or more units (unit id -> list of :class:`FieldSpec`) over TCP,
+``ModbusSimulator`` serves one or more units (unit id -> list of fields: :class:`SimField`, or
+anything laid out like one, e.g. the gateway's resolved field specs) over TCP,
 RTU framing over TCP, or RTU over a pty pair made by socat (``serial_port`` is the end a gateway
 opens, like ``/dev/ttyUSB0``). It is an async context manager::
 
@@ -24,6 +25,11 @@ undone). Callers may rely on:
   their last register), ``stop()``/``start()`` (server gone and back on the same port or pty;
   ``stop(unplug=True)`` also removes the pty pair, like pulling the USB adapter);
 - on exit the server is shut down, its request tasks awaited and socat reaped.
+
+Register contents come from the simulator's own encoder (:mod:`gateway.sandbox.modbus_encode`,
+written from the Modbus data encoding and the byte-order definitions), never from the gateway's
+decoder: the only things shared with the gateway are its config model (to serve a device
+profile) and the type-name spellings.
 
 Command line (runs until interrupted, prints one JSON line with where it listens)::
 
@@ -50,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import structlog
 from pymodbus import FramerType
@@ -60,18 +66,20 @@ from pymodbus.exceptions import NoSuchIdException
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
-from gateway.sources.modbus_config import ModbusDeviceConfig
-from gateway.sources.modbus_decode import (
+from gateway.sandbox.modbus_encode import (
     BIT_TABLES,
     FLOAT_TYPES,
     INTEGER_TYPES,
-    FieldSpec,
+    DataType,
+    Order,
     RawValue,
     Table,
     encode_raw,
+    registers_of,
     set_bit,
     unscaled,
 )
+from gateway.sources.modbus.config import ModbusDeviceConfig
 
 log = structlog.get_logger(__name__)
 
@@ -98,18 +106,74 @@ _INT_RANGE = {
 }
 
 
+class FieldLayout(Protocol):
+    """What the simulator needs to know of a field: where it is and how it is laid out (a
+    :class:`SimField`, or the gateway's own field spec of the same map)."""
+
+    @property
+    def series(self) -> str: ...
+    @property
+    def table(self) -> Table: ...
+    @property
+    def address(self) -> int: ...
+    @property
+    def dtype(self) -> DataType: ...
+    @property
+    def order(self) -> Order: ...
+    @property
+    def bit(self) -> int | None: ...
+    @property
+    def length(self) -> int | None: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def offset(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SimField:
+    """One value the simulated device holds; ``count`` registers (one bit in the coil and
+    discrete tables) from ``address``, as :mod:`~gateway.sandbox.modbus_encode` lays it out."""
+
+    series: str
+    table: Table
+    address: int
+    dtype: DataType
+    order: Order = "ABCD"
+    bit: int | None = None
+    length: int | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+
+    @classmethod
+    def of(cls, f: FieldLayout) -> SimField:
+        if isinstance(f, SimField):
+            return f
+        return cls(
+            f.series, f.table, f.address, f.dtype, f.order, f.bit, f.length, f.scale, f.offset
+        )
+
+    @property
+    def count(self) -> int:
+        return 1 if self.table in BIT_TABLES else registers_of(self.dtype, self.length)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.count
+
+
 @dataclass
 class SimUnit:
     """One simulated device: its fields, register image and faults."""
 
     unit: int
-    fields: list[FieldSpec]
+    fields: list[SimField]
     silent: bool = False
     #: (table, start, end, exception code): reads touching [start, end) are refused.
     fault_ranges: list[tuple[Table, int, int, int]] = field(default_factory=list)
     pinned: dict[str, RawValue] = field(default_factory=dict)
     _image: dict[str, tuple[int, list[int]]] = field(default_factory=dict, init=False)
-    _by_table: dict[str, list[tuple[int, FieldSpec]]] = field(default_factory=dict, init=False)
+    _by_table: dict[str, list[tuple[int, SimField]]] = field(default_factory=dict, init=False)
     _t0: float = field(default_factory=time.monotonic, init=False)
 
     def __post_init__(self) -> None:
@@ -121,7 +185,7 @@ class SimUnit:
             self._image[table] = (lo, [0] * (hi - lo))
             items.sort(key=lambda x: x[1].address)
 
-    def spec(self, series: str) -> FieldSpec:
+    def spec(self, series: str) -> SimField:
         for s in self.fields:
             if s.series == series:
                 return s
@@ -135,7 +199,7 @@ class SimUnit:
     def unpin(self, series: str) -> None:
         self.pinned.pop(series, None)
 
-    def _raw(self, i: int, s: FieldSpec, t: float) -> RawValue:
+    def _raw(self, i: int, s: SimField, t: float) -> RawValue:
         if s.series in self.pinned:
             return self.pinned[s.series]
         k = i + 1
@@ -185,7 +249,7 @@ class SimUnit:
         return None
 
     @staticmethod
-    def _store(image: list[int], lo: int, s: FieldSpec, raw: RawValue) -> None:
+    def _store(image: list[int], lo: int, s: SimField, raw: RawValue) -> None:
         at = s.address - lo
         if s.table in BIT_TABLES:
             image[at] = 1 if raw else 0
@@ -208,7 +272,7 @@ class CounterUnit(SimUnit):
     """
 
     def __init__(self, unit: int, n: int) -> None:
-        specs = [FieldSpec(f"u{unit}.r{i}", "holding", i, "uint16") for i in range(n)]
+        specs = [SimField(f"u{unit}.r{i}", "holding", i, "uint16") for i in range(n)]
         super().__init__(unit, specs)
         self._words = [(unit * 1000 + i) % 65536 for i in range(n)]
         self._words[0] = 0
@@ -266,14 +330,14 @@ class ModbusSimulator:
 
     def __init__(
         self,
-        devices: Mapping[int, Sequence[FieldSpec]],
+        devices: Mapping[int, Sequence[FieldLayout]],
         *,
         transport: SimTransport = "tcp",
         host: str = "127.0.0.1",
         port: int = 0,
         counters: Mapping[int, int] | None = None,
     ) -> None:
-        self.units = {u: SimUnit(u, list(specs)) for u, specs in devices.items()}
+        self.units = {u: SimUnit(u, [SimField.of(f) for f in fs]) for u, fs in devices.items()}
         # Benchmark units (see CounterUnit): unit id -> number of registers.
         self.units.update({u: CounterUnit(u, n) for u, n in (counters or {}).items()})
         self.transport = transport
@@ -453,13 +517,14 @@ class ModbusSimulator:
 # Register maps for the simulator
 
 
-def profile_specs(profile: str | Path, prefix: str, unit: int = 1) -> list[FieldSpec]:
-    """The fields of a hardware profile, with series ``<prefix>.<name>``."""
+def profile_specs(profile: str | Path, prefix: str, unit: int = 1) -> list[SimField]:
+    """The fields of a hardware profile, with series ``<prefix>.<name>`` (read through the
+    gateway's config model, as the gateway reads the same profile file)."""
     dev = ModbusDeviceConfig.model_validate({"name": prefix, "unit": unit, "profile": str(profile)})
-    return [f.spec for f in dev.resolved_fields()]
+    return [SimField.of(f.spec) for f in dev.resolved_fields()]
 
 
-_SYNTH_CYCLE: tuple[tuple[Table, str], ...] = (
+_SYNTH_CYCLE: tuple[tuple[Table, DataType], ...] = (
     ("holding", "float32"),
     ("holding", "uint16"),
     ("holding", "int32"),
@@ -473,26 +538,29 @@ _SYNTH_CYCLE: tuple[tuple[Table, str], ...] = (
 )
 
 
-def synthetic_specs(n: int, prefix: str = "synth") -> list[FieldSpec]:
+_SYNTH_ORDERS: tuple[Order, ...] = ("ABCD", "CDAB", "BADC", "DCBA")
+
+
+def synthetic_specs(n: int, prefix: str = "synth") -> list[SimField]:
     """``n`` fields of mixed tables and types, with small gaps (coalescable) and every 25th
     field after a large gap (forcing a new request): a stand-in for a big PLC map."""
-    out: list[FieldSpec] = []
+    out: list[SimField] = []
     nxt: dict[str, int] = {"coil": 0, "discrete": 0, "holding": 0, "input": 0}
     for i in range(n):
         table, dtype = _SYNTH_CYCLE[i % len(_SYNTH_CYCLE)]
         gap = 40 if i % 25 == 24 else (2 if i % 7 == 6 else 0)
         addr = nxt[table] + gap
-        order = ("ABCD", "CDAB", "BADC", "DCBA")[i % 4]
+        order = _SYNTH_ORDERS[i % len(_SYNTH_ORDERS)]
         if dtype == "bit":
-            spec = FieldSpec(f"{prefix}.f{i}", table, addr, "bit", bit=i % 16)
+            spec = SimField(f"{prefix}.f{i}", table, addr, "bit", bit=i % 16)
         else:
-            spec = FieldSpec(f"{prefix}.f{i}", table, addr, dtype, order=order)  # type: ignore[arg-type]
+            spec = SimField(f"{prefix}.f{i}", table, addr, dtype, order=order)
         out.append(spec)
         nxt[table] = spec.end
     return out
 
 
-def field_dicts(specs: Sequence[FieldSpec]) -> list[dict[str, Any]]:
+def field_dicts(specs: Sequence[FieldLayout]) -> list[dict[str, Any]]:
     """Config ``fields`` entries that make the gateway read exactly ``specs``."""
     out = []
     for s in specs:
@@ -519,7 +587,7 @@ def field_dicts(specs: Sequence[FieldSpec]) -> list[dict[str, Any]]:
 # Command line
 
 
-def _parse_device(arg: str) -> tuple[int, list[FieldSpec]]:
+def _parse_device(arg: str) -> tuple[int, list[SimField]]:
     unit_s, _, what = arg.partition("=")
     unit = int(unit_s)
     if what.startswith("synthetic:"):

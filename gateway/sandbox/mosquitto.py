@@ -63,18 +63,21 @@ class TestCA:
 
 async def _run(*args: str, cwd: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise MosquittoError(f"{args[0]} {args[1]} failed: {out.decode(errors='replace')[-800:]}")
 
 
-async def make_test_ca(directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"),
-                       *, openssl: str = "openssl") -> TestCA:
+async def make_test_ca(
+    directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), *, openssl: str = "openssl"
+) -> TestCA:
     """Generate a CA and a server certificate for ``hosts`` in ``directory`` (created)."""
     directory.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a test helper, microseconds
-    sans = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}"
-                    for h in hosts)
+    sans = ",".join(
+        f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}" for h in hosts
+    )
     ext = directory / "server.ext"
     ext.write_text(
         "basicConstraints=critical,CA:FALSE\n"
@@ -85,15 +88,56 @@ async def make_test_ca(directory: Path, hosts: Sequence[str] = ("127.0.0.1", "lo
         "authorityKeyIdentifier=keyid,issuer\n"
     )
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    await _run(openssl, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days",
-               "2", "-subj", "/CN=fieldgate test CA",
-               "-addext", "basicConstraints=critical,CA:TRUE",
-               "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
-    await _run(openssl, "req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj",
-               f"/CN={hosts[0]}", cwd=directory)
-    await _run(openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey",
-               "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile",
-               "server.ext", cwd=directory)
+    await _run(
+        openssl,
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fieldgate test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=directory,
+    )
+    await _run(
+        openssl,
+        "req",
+        *ec,
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        f"/CN={hosts[0]}",
+        cwd=directory,
+    )
+    await _run(
+        openssl,
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        cwd=directory,
+    )
     return TestCA(directory / "ca.pem", directory / "server.pem", directory / "server.key")
 
 
@@ -169,12 +213,22 @@ class Mosquitto:
     def _write_config(self) -> Path:
         d = self.directory
         d.mkdir(parents=True, exist_ok=True)
-        persist = (["persistence true", f"persistence_location {d}/"] if self.persistence
-                   else ["persistence false"])
-        lines = ["per_listener_settings false", *persist,
-                 f"log_dest file {d / 'mosquitto.log'}",
-                 "log_type error", "log_type warning", "log_type notice", "log_type information",
-                 "connection_messages true", "set_tcp_nodelay true"]
+        persist = (
+            ["persistence true", f"persistence_location {d}/"]
+            if self.persistence
+            else ["persistence false"]
+        )
+        lines = [
+            "per_listener_settings false",
+            *persist,
+            f"log_dest file {d / 'mosquitto.log'}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "set_tcp_nodelay true",
+        ]
         if os.geteuid() == 0:
             # Run as root, mosquitto would switch to user "mosquitto", which cannot read a
             # test's private directory.
@@ -196,8 +250,12 @@ class Mosquitto:
             lines.append(f"max_queued_messages {self.max_queued_messages}")
         lines.append(f"listener {self._port} {self.host}")
         if self.tls is not None:
-            lines += [f"listener {self._tls_port} {self.host}", f"cafile {self.tls.ca_cert}",
-                      f"certfile {self.tls.server_cert}", f"keyfile {self.tls.server_key}"]
+            lines += [
+                f"listener {self._tls_port} {self.host}",
+                f"cafile {self.tls.ca_cert}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+            ]
         conf = d / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         if self.passwords is not None:
@@ -215,11 +273,15 @@ class Mosquitto:
             self._tls_port = self._tls_port or free_port(self.host)
         conf = self._write_config()
         if self.passwords is not None:
-            await _run("mosquitto_passwd", "-U", str(self.directory / "passwd"),
-                       cwd=self.directory)
+            await _run("mosquitto_passwd", "-U", str(self.directory / "passwd"), cwd=self.directory)
         self._proc = await asyncio.create_subprocess_exec(
-            self.executable, "-c", str(conf), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            self.executable,
+            "-c",
+            str(conf),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         self.starts += 1
         try:
             for port in [self._port] + ([self._tls_port] if self.tls is not None else []):
@@ -227,8 +289,12 @@ class Mosquitto:
         except BaseException:
             await self.kill()
             raise
-        log.info("mosquitto_started", pid=self._proc.pid, port=self._port,
-                 tls_port=self._tls_port or None)
+        log.info(
+            "mosquitto_started",
+            pid=self._proc.pid,
+            port=self._port,
+            tls_port=self._tls_port or None,
+        )
 
     async def _until_accepting(self, port: int) -> None:
         proc = self._proc
@@ -245,14 +311,17 @@ class Mosquitto:
                     await writer.wait_closed()
                 return
             if time.monotonic() > deadline:
-                raise MosquittoError(f"mosquitto not accepting on port {port} within "
-                                     f"{self.start_timeout_s} s:\n{self.log_text()[-1500:]}")
+                raise MosquittoError(
+                    f"mosquitto not accepting on port {port} within "
+                    f"{self.start_timeout_s} s:\n{self.log_text()[-1500:]}"
+                )
             # Poll again shortly, or stop at once if the process exits (bad config, port taken).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 0.02)
             if proc.returncode is not None:
-                raise MosquittoError(f"mosquitto exited with {proc.returncode}:\n"
-                                     f"{self.log_text()[-1500:]}")
+                raise MosquittoError(
+                    f"mosquitto exited with {proc.returncode}:\n{self.log_text()[-1500:]}"
+                )
 
     async def _signal(self, sig: int) -> None:
         proc, self._proc = self._proc, None

@@ -76,8 +76,9 @@ NUM = r"-?\d+(?:\.\d+)?"
 class NiluError(Exception):
     """Answer with the document's error body: HTTP ``status``, application ``code``."""
 
-    def __init__(self, status: int, code: int, message: str,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: int, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = dict(headers or {})
@@ -151,8 +152,10 @@ def epoch_parser(pattern: str, timezone: str | None) -> Callable[[str], int]:
     fractions = [o for o in order if o in ("fff", "SSS")]
     required = {"yyyy", "MM", "dd", "HH", "mm", "ss"}
     if len(set(order)) != len(order) or not required <= set(order) or len(fractions) > 1:
-        raise ValueError(f"invalid converter arguments: pattern {pattern!r} must name year, "
-                         "month, day, hour, minute and second once each")
+        raise ValueError(
+            f"invalid converter arguments: pattern {pattern!r} must name year, "
+            "month, day, hour, minute and second once each"
+        )
     compiled = re.compile("".join(rx))
     zone = ZoneInfo(timezone or "UTC")
 
@@ -162,8 +165,9 @@ def epoch_parser(pattern: str, timezone: str | None) -> Callable[[str], int]:
             raise ValueError(f"{text!r} does not match {pattern!r}")
         f = dict(zip(order, map(int, m.groups()), strict=True))
         ms = f.get("fff", f.get("SSS", 0))
-        dt = datetime(f["yyyy"], f["MM"], f["dd"], f["HH"], f["mm"], f["ss"], ms * 1000,
-                      tzinfo=zone)
+        dt = datetime(
+            f["yyyy"], f["MM"], f["dd"], f["HH"], f["mm"], f["ss"], ms * 1000, tzinfo=zone
+        )
         return math.floor(dt.timestamp())
 
     return parse
@@ -176,8 +180,11 @@ def _is_type(value: object, avro: ParamType) -> bool:
         case "double" | "float":
             return isinstance(value, int | float) and not isinstance(value, bool)
         case "int" | "long":
-            return isinstance(value, int) and not isinstance(value, bool) and (
-                avro == "long" or -(2**31) <= value < 2**31)
+            return (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and (avro == "long" or -(2**31) <= value < 2**31)
+            )
         case "boolean":
             return isinstance(value, bool)
         case "string":
@@ -268,16 +275,23 @@ class NiluEmulator(Emulator):
             return await self._transfer(request, sid)
         except NiluError as exc:
             self.refused.append(Refusal(sid, exc.status, exc.code, exc.message))
-            body = {"error-code": exc.code, "error-message": exc.message,
-                    "http-status-code": exc.status}
+            body = {
+                "error-code": exc.code,
+                "error-message": exc.message,
+                "http-status-code": exc.status,
+            }
             return web.json_response(body, status=exc.status, headers=exc.headers)
 
     async def _transfer(self, request: web.Request, sid: int) -> web.Response:
         token = self.auth.require(request, "inbound")
         if sid in self.moved:
             new = self.sensors[self.moved[sid]]
-            raise NiluError(300, GENERIC, f"sensor {sid} moved to sensor {new.id}",
-                            {"endpoint": self.endpoint(new)})
+            raise NiluError(
+                300,
+                GENERIC,
+                f"sensor {sid} moved to sensor {new.id}",
+                {"endpoint": self.endpoint(new)},
+            )
         s = self.sensors.get(sid)
         if s is None:
             raise Reject(404, f"sensor {sid} not found")
@@ -290,8 +304,12 @@ class NiluEmulator(Emulator):
             raise Reject(400, f"Content-Type {request.content_type} is not application/json")
         raw = parse_json(await read_body(request, self.max_body_bytes))
         if not isinstance(raw, dict):
-            raise NiluError(500, 110, "sensor data is not valid according to declared schema: "
-                            "the packet is not a JSON object")
+            raise NiluError(
+                500,
+                110,
+                "sensor data is not valid according to declared schema: "
+                "the packet is not a JSON object",
+            )
         converted = self._validate(s, raw)
         ts_attr = s.timestamp
         stamp = int(converted[ts_attr]) if ts_attr is not None else int(time.time())
@@ -308,17 +326,23 @@ class NiluEmulator(Emulator):
     def _ok(self, atom: str) -> web.Response:
         return web.json_response({"atom": atom, "message": "OK", "http-status-code": 200})
 
-    def _position(self, request: web.Request, s: SensorSchema
-                  ) -> tuple[float, float, float] | None:
+    def _position(self, request: web.Request, s: SensorSchema) -> tuple[float, float, float] | None:
         info = request.match_info
         if "lon" not in info:
             if s.location is None:
-                raise NiluError(400, GENERIC, f"sensor {s.id} has no fixed location: post to "
-                                f"{urlpath(self.endpoint(s))}")
+                raise NiluError(
+                    400,
+                    GENERIC,
+                    f"sensor {s.id} has no fixed location: post to {urlpath(self.endpoint(s))}",
+                )
             return None
         if s.location is not None:
-            raise NiluError(300, GENERIC, f"sensor {s.id} is configured with a fixed location",
-                            {"endpoint": self.endpoint(s)})
+            raise NiluError(
+                300,
+                GENERIC,
+                f"sensor {s.id} is configured with a fixed location",
+                {"endpoint": self.endpoint(s)},
+            )
         lon, lat, alt = float(info["lon"]), float(info["lat"]), float(info["alt"])
         if s.epsg == 4326 and not (-180 <= lon <= 180 and -90 <= lat <= 90):
             raise NiluError(400, GENERIC, f"position {lon}/{lat} is outside WGS84 range")
@@ -329,11 +353,18 @@ class NiluEmulator(Emulator):
         declared = dict(s.parameters)
         if s.timestamp is not None:
             declared.setdefault(s.timestamp, "long")
-        missing = [k for k, t in declared.items()
-                   if k not in raw and not (isinstance(t, list) and "null" in t)]
+        missing = [
+            k
+            for k, t in declared.items()
+            if k not in raw and not (isinstance(t, list) and "null" in t)
+        ]
         if missing:
-            raise NiluError(500, 110, "sensor data is not valid according to declared schema: "
-                            f"missing {', '.join(sorted(missing))}")
+            raise NiluError(
+                500,
+                110,
+                "sensor data is not valid according to declared schema: "
+                f"missing {', '.join(sorted(missing))}",
+            )
         out: dict[str, Any] = {}
         for k, t in declared.items():
             if k not in raw:
@@ -343,11 +374,16 @@ class NiluEmulator(Emulator):
                 try:
                     value = _convert(value, conv)
                 except (ValueError, OverflowError) as exc:
-                    raise NiluError(500, 131, "an error occured during parameter conversion: "
-                                    f"{k}: {exc}") from None
+                    raise NiluError(
+                        500, 131, f"an error occured during parameter conversion: {k}: {exc}"
+                    ) from None
             if not _is_type(value, t):
-                raise NiluError(500, 110, "sensor data is not valid according to declared "
-                                f"schema: {k} = {raw[k]!r} is not {t}")
+                raise NiluError(
+                    500,
+                    110,
+                    "sensor data is not valid according to declared "
+                    f"schema: {k} = {raw[k]!r} is not {t}",
+                )
             out[k] = value
         return out
 
@@ -355,17 +391,24 @@ class NiluEmulator(Emulator):
         """Keep ``packet`` unless a stored one is within the resolution (False: duplicate)."""
         stamps = self._stamps.setdefault(s.id, [])
         i = bisect.bisect_left(stamps, packet.timestamp)
-        near = [t for t in stamps[max(0, i - 1) : i + 1]
-                if abs(t - packet.timestamp) < s.resolution_s]
+        near = [
+            t for t in stamps[max(0, i - 1) : i + 1] if abs(t - packet.timestamp) < s.resolution_s
+        ]
         if near:
             old = self._stored[(s.id, near[0])]
-            if near == [packet.timestamp] and (old.raw, old.position) == (packet.raw,
-                                                                          packet.position):
+            if near == [packet.timestamp] and (old.raw, old.position) == (
+                packet.raw,
+                packet.position,
+            ):
                 self.duplicates += 1
                 return False
-            raise NiluError(500, 110, "sensor data is not valid according to declared schema: "
-                            f"timestamp {packet.timestamp} is within the sensor resolution of "
-                            f"{s.resolution_s} s of stored data at {near[0]}")
+            raise NiluError(
+                500,
+                110,
+                "sensor data is not valid according to declared schema: "
+                f"timestamp {packet.timestamp} is within the sensor resolution of "
+                f"{s.resolution_s} s of stored data at {near[0]}",
+            )
         stamps.insert(i, packet.timestamp)
         self._stored[(s.id, packet.timestamp)] = packet
         return True
@@ -384,20 +427,43 @@ class NiluEmulator(Emulator):
         if s.location is not None:
             location = dict(zip(("longitude", "latitude", "altitude"), s.location, strict=True))
         doc = "https://sensors.nilu.no/api/doc"
-        converters = [{"input-type": "boolean" if c.output_type == "BooleanInteger" else "string",
-                       "output-type": c.output_type, "target-path": f"/{path}",
-                       "input-args": ({"input-format": c.input_format, "timezone": c.timezone}
-                                      if c.output_type == "StringEpochTime" else None),
-                       "atom": f"{doc}/converters#{c.output_type}"}
-                      for path, c in s.converters.items()]
-        mapping = ([{"name": "Timestamp", "target-path": f"/{s.timestamp}",
-                     "atom": f"{doc}/fieldmapping#Timestamp"}] if s.timestamp else None)
+        converters = [
+            {
+                "input-type": "boolean" if c.output_type == "BooleanInteger" else "string",
+                "output-type": c.output_type,
+                "target-path": f"/{path}",
+                "input-args": (
+                    {"input-format": c.input_format, "timezone": c.timezone}
+                    if c.output_type == "StringEpochTime"
+                    else None
+                ),
+                "atom": f"{doc}/converters#{c.output_type}",
+            }
+            for path, c in s.converters.items()
+        ]
+        mapping = (
+            [
+                {
+                    "name": "Timestamp",
+                    "target-path": f"/{s.timestamp}",
+                    "atom": f"{doc}/fieldmapping#Timestamp",
+                }
+            ]
+            if s.timestamp
+            else None
+        )
         return {
-            "id": s.id, "name": s.name, "resolution": s.resolution_s,
-            "srs": {"epsg": s.epsg}, "enabled": s.enabled,
+            "id": s.id,
+            "name": s.name,
+            "resolution": s.resolution_s,
+            "srs": {"epsg": s.epsg},
+            "enabled": s.enabled,
             "parameters": [{"name": k, "type": t} for k, t in s.parameters.items()],
-            "location": location, "converters": converters, "mapping": mapping,
-            "atom": f"{self.url}/api/sensors/{s.id}", "endpoint": self.endpoint(s),
+            "location": location,
+            "converters": converters,
+            "mapping": mapping,
+            "atom": f"{self.url}/api/sensors/{s.id}",
+            "endpoint": self.endpoint(s),
         }
 
 
@@ -408,19 +474,31 @@ def urlpath(url: str) -> str:
 def demo_sensors() -> list[SensorSchema]:
     """A fixed air-quality sensor (local time text) and a GPS one (epoch seconds)."""
     return [
-        SensorSchema(393, {"no2": "double", "pm10": "double", "date": "long"}, timestamp="date",
-                     converters={"date": Converter("StringEpochTime", "yyyy/MM/dd HH:mm:ss",
-                                                   "Europe/Oslo")},
-                     resolution_s=60, name="Innosense"),
-        SensorSchema(394, {"temperature": "double", "pm10": ["null", "double"], "time": "long"},
-                     timestamp="time", location=None, resolution_s=60, name="HackAir"),
+        SensorSchema(
+            393,
+            {"no2": "double", "pm10": "double", "date": "long"},
+            timestamp="date",
+            converters={"date": Converter("StringEpochTime", "yyyy/MM/dd HH:mm:ss", "Europe/Oslo")},
+            resolution_s=60,
+            name="Innosense",
+        ),
+        SensorSchema(
+            394,
+            {"temperature": "double", "pm10": ["null", "double"], "time": "long"},
+            timestamp="time",
+            location=None,
+            resolution_s=60,
+            name="HackAir",
+        ),
     ]
 
 
 async def _serve(emu: NiluEmulator) -> None:
     async with emu:
-        print(f"nilu emulator listening on {emu.url} (POST {emu.url}/api/sensors/393/inbound)",
-              flush=True)
+        print(
+            f"nilu emulator listening on {emu.url} (POST {emu.url}/api/sensors/393/inbound)",
+            flush=True,
+        )
         await asyncio.Event().wait()  # until Ctrl-C cancels us
 
 

@@ -31,7 +31,7 @@ import random
 import re
 import time
 import tty
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from datetime import time as dt_time
@@ -79,14 +79,31 @@ def _nmea_time(t: dt_time | datetime) -> str:
 
 
 def nmea_gga(
-    t: dt_time, position: Position | None, *, quality: int = 1, satellites: int = 8,
-    hdop: float = 0.9, talker: str = "GP",
+    t: dt_time,
+    position: Position | None,
+    *,
+    quality: int = 1,
+    satellites: int = 8,
+    hdop: float = 0.9,
+    talker: str = "GP",
 ) -> str:
     """GGA: time, lat, N/S, lon, E/W, quality, satellites, HDOP, altitude, M, geoid separation,
     M, age of differential data, reference station (the last two empty)."""
     alt = "" if position is None or position.alt is None else f"{position.alt:.1f}"
-    fields = [f"{talker}GGA", _nmea_time(t), *_nmea_fields(position), str(quality),
-              f"{satellites:02d}", f"{hdop:.1f}", alt, "M", "0.0", "M", "", ""]
+    fields = [
+        f"{talker}GGA",
+        _nmea_time(t),
+        *_nmea_fields(position),
+        str(quality),
+        f"{satellites:02d}",
+        f"{hdop:.1f}",
+        alt,
+        "M",
+        "0.0",
+        "M",
+        "",
+        "",
+    ]
     return nmea_sentence(",".join(fields))
 
 
@@ -95,8 +112,18 @@ def nmea_rmc(utc: datetime, position: Position | None, *, talker: str = "GP") ->
     ddmmyy, magnetic variation and its E/W (empty), mode (A autonomous, N not valid)."""
     fix = position is not None
     date = f"{utc.day:02d}{utc.month:02d}{utc.year % 100:02d}"
-    fields = [f"{talker}RMC", _nmea_time(utc), "A" if fix else "V", *_nmea_fields(position),
-              "0.0", "0.0", date, "", "", "A" if fix else "N"]
+    fields = [
+        f"{talker}RMC",
+        _nmea_time(utc),
+        "A" if fix else "V",
+        *_nmea_fields(position),
+        "0.0",
+        "0.0",
+        date,
+        "",
+        "",
+        "A" if fix else "N",
+    ]
     return nmea_sentence(",".join(fields))
 
 
@@ -138,9 +165,14 @@ def sdi12_value(v: float) -> str:
     return f"{v:+.0f}"  # too large for SDI-12: sent anyway, the recorder has to reject it
 
 
-def sdi12_data_reply(address: str, values: list[float], *, crc: bool) -> str:
+def sdi12_values(values: Iterable[float]) -> str:
+    """The ``<values>`` part of a data reply: each value signed, one after the other."""
+    return "".join(sdi12_value(v) for v in values)
+
+
+def sdi12_data_reply(address: str, values: Iterable[float], *, crc: bool) -> str:
     """``a<values>`` or ``a<values><CRC>`` (without the closing CR LF)."""
-    body = address + "".join(sdi12_value(v) for v in values)
+    body = address + sdi12_values(values)
     return body + sdi12_crc_chars(sdi12_crc(body.encode("ascii"))) if crc else body
 
 
@@ -345,18 +377,32 @@ class GpsSim(PtyDevice):
         self.hdop = 0.9
 
     def set_fix(
-        self, position: Position | None, *, quality: int = 1, satellites: int = 8,
+        self,
+        position: Position | None,
+        *,
+        quality: int = 1,
+        satellites: int = 8,
         hdop: float = 0.9,
     ) -> None:
         self.position, self.quality, self.satellites, self.hdop = (
-            position, quality, satellites, hdop)
+            position,
+            quality,
+            satellites,
+            hdop,
+        )
 
     def sentences(self, now: datetime | None = None) -> list[str]:
         now = now or datetime.now(UTC)
         q = self.quality if self.position is not None else 0
         return [
-            nmea_gga(now.time(), self.position, quality=q, satellites=self.satellites,
-                     hdop=self.hdop, talker=self.talker),
+            nmea_gga(
+                now.time(),
+                self.position,
+                quality=q,
+                satellites=self.satellites,
+                hdop=self.hdop,
+                talker=self.talker,
+            ),
             nmea_rmc(now, self.position if q else None, talker=self.talker),
         ]
 
@@ -476,7 +522,9 @@ class Sdi12BusSim(PtyDevice):
         values = s.snapshot()
         s._data, s._crc, s.measurements = values, crc, s.measurements + 1
         s._ready_at = time.monotonic() + s.ready_after_s
-        if s.service_request and not concurrent:
+        # SDI-12 4.4.6: a service request follows aM! only when ttt > 0 (with 000 the data is
+        # ready at once and none is sent); concurrent measurements never send one.
+        if s.service_request and not concurrent and s.wait_s > 0:
             reply = f"{s.address}\r\n".encode("ascii")
             loop = asyncio.get_running_loop()
             s._timer = loop.call_later(s.ready_after_s, self.write_nowait, reply)

@@ -14,9 +14,14 @@ Routes, as the real hosts put them (the IdP and the API share this one server):
   (``timestamp``, ``isSuccess``, ``errorCode``, ``errorMessage``); ``timestamp`` echoes the item's
   ``measurementDateTime``.
 - ``GET /api/config/examination-types`` - any valid token; the table as JSON
-  (:meth:`~gateway.uplinks.vanda_tables.ExaminationType.to_json`).
+  (:meth:`~gateway.sandbox.vanda_tables.ExaminationType.to_json`).
 
 Errors other than the token endpoint's answer ``{"title", "status", "detail"}``.
+
+The document's tables (examination types, parameters, units, bounds, decimals, minimum
+intervals, reason codes) and its time format are the emulator's own transcription of the
+document, in :mod:`gateway.sandbox.vanda_tables`; nothing is imported from the uplink, so the
+two can only agree through the document.
 
 Decisions where the document is silent:
 
@@ -24,7 +29,7 @@ Decisions where the document is silent:
   parameter/unit not the type's, more than 1000 items, two items of the same minute (the document
   says so for updates; creates are held to the same rule). An unknown station (when ``stations``
   is given) is 404;
-- per item (``failed``, :class:`~gateway.uplinks.vanda_tables.ErrorCode`): a time with seconds
+- per item (``failed``, :class:`~gateway.sandbox.vanda_tables.ErrorCode`): a time with seconds
   on create (updates round to the nearest minute, as documented) or not UTC, a result that is not
   a number or outside the bounds after rounding, a reason code the type does not take, a create
   closer than ``measurementIntervalMin`` to another measurement of the same station, point and
@@ -85,11 +90,11 @@ from gateway.sandbox.vanda_rules import (
     oauth_error,
     parse_head,
 )
-from gateway.uplinks.vanda_tables import (
+from gateway.sandbox.vanda_tables import (
     EXAMINATION_TYPES,
     ErrorCode,
     ExaminationType,
-    format_minute,
+    minute_text,
 )
 
 log = structlog.get_logger(__name__)
@@ -413,7 +418,7 @@ class VandaEmulator(Emulator):
             if minute != item.minute and abs(minute - item.minute) < gap:
                 return ItemError(
                     ErrorCode.MIN_INTERVAL,
-                    f"measurement at {format_minute(minute)} is less than the "
+                    f"measurement at {minute_text(minute)} is less than the "
                     f"minimum interval of {head.exam.interval_min} minutes away",
                     item.sent_time,
                 )
@@ -442,7 +447,7 @@ class VandaEmulator(Emulator):
             head.exam.parameter_sc,
             head.exam.unit_sc,
             head.logger_id,
-            format_minute(item.minute),
+            minute_text(item.minute),
             item.result,
             item.reason_code_sc,
         )

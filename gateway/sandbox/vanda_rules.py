@@ -2,8 +2,10 @@
 
 Whole-request problems raise a 400 :class:`~gateway.sandbox.emulator.Reject` (the document: "4xx
 errors relate to the provided information"); per-item problems become an :class:`ItemError`
-with the ``errorCode``/``errorMessage`` a ``failed`` entry carries. Codes are
-:class:`gateway.uplinks.vanda_tables.ErrorCode` (the document names the fields, not the codes).
+with the ``errorCode``/``errorMessage`` a ``failed`` entry carries. Codes are the emulator's
+own :class:`gateway.sandbox.vanda_tables.ErrorCode` (the document names the fields, not the
+codes). The tables, rounding and time formats are the emulator's transcription of the document
+(:mod:`gateway.sandbox.vanda_tables`); nothing is imported from the uplink.
 The IdP's helpers at the end read HTTP Basic client credentials and build RFC 6749 errors.
 """
 
@@ -18,13 +20,13 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 
 from gateway.sandbox.emulator import Reject
-from gateway.uplinks.vanda_tables import (
+from gateway.sandbox.vanda_tables import (
     MAX_MEASUREMENTS_PER_REQUEST,
     ErrorCode,
     ExaminationType,
-    parse_time,
-    range_problem,
-    round_result,
+    bound_problem,
+    read_time,
+    stored_result,
 )
 
 Kind = Literal["create", "update"]
@@ -155,7 +157,7 @@ def check_item(raw: dict[str, Any], kind: Kind, exam: ExaminationType) -> Item |
     text = raw.get("measurementDateTime")
     shown = text if isinstance(text, str) else repr(text)
     try:
-        when = parse_time(text) if isinstance(text, str) else None
+        when = read_time(text) if isinstance(text, str) else None
     except ValueError:
         when = None
     if when is None or not when.utc:
@@ -171,15 +173,15 @@ def check_item(raw: dict[str, Any], kind: Kind, exam: ExaminationType) -> Item |
             f"measurementDateTime {shown} must be given without seconds, e.g. 2023-09-21T14:34Z",
             shown,
         )
-    minute = when.minute if kind == "create" else when.nearest_minute
+    minute = when.minute_ms if kind == "create" else when.nearest_minute_ms
     value = raw.get("result")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return ItemError(ErrorCode.INVALID_RESULT, f"result {value!r} is not a number", shown)
     try:
-        result = round_result(value, exam.decimals)
+        result = stored_result(value, exam.decimals)
     except ValueError as exc:
         return ItemError(ErrorCode.INVALID_RESULT, str(exc), shown)
-    problem = range_problem(exam, result)
+    problem = bound_problem(exam, result)
     if problem is not None:
         return ItemError(ErrorCode.OUT_OF_RANGE, problem, shown)
     reason = raw.get("reasonCodeSc")

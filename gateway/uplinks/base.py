@@ -113,5 +113,36 @@ class SettlesEarly(Protocol):
     part held. The returned result still covers the whole batch (ids already settled in it are
     not counted twice); ``failure`` is only ever taken from the returned result."""
 
-    async def send_settling(self, batch: Sequence[StoredReading], settle: Settle) -> SendResult:
-        ...
+    async def send_settling(self, batch: Sequence[StoredReading], settle: Settle) -> SendResult: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Optional capabilities: a plugin declares one by implementing the protocol; the dispatcher and
+# the CLI ask with isinstance (gateway/probe.py has the probe capability shared with sources).
+
+
+@runtime_checkable
+class ReportsStatus(Protocol):
+    """A plugin with its own view for /status (connection, in-flight window, import progress),
+    shown under the uplink's ``service`` key. Never contains a secret."""
+
+    def status(self) -> dict[str, object]: ...
+
+
+@runtime_checkable
+class SendsWholeGroups(Protocol):
+    """A plugin whose request must carry a whole group (NILU: one packet per sensor and
+    instant, so a second packet for the same instant would be a duplicate). When a lease is cut
+    by its size, the dispatcher holds the last, possibly incomplete group back for the next
+    lease instead of sending it in two pieces."""
+
+    def sends_whole_groups(self) -> bool: ...
+
+
+@runtime_checkable
+class ChecksUplink(Protocol):
+    """A service that offers a test storing nothing (NILU's push test): ``fieldgate
+    check-uplink`` runs it. Returns report lines; a failed check's lines start ``FAIL``.
+    Never raises."""
+
+    async def check_uplink(self) -> list[str]: ...

@@ -44,7 +44,15 @@ from gateway.configbase import UplinkConfigBase, mask_secrets
 from gateway.models import StoredReading
 from gateway.routes import RouteTable
 from gateway.store import Lease, Store
-from gateway.uplinks.base import Failure, Outcome, SendResult, SettlesEarly, Uplink
+from gateway.uplinks.base import (
+    Failure,
+    Outcome,
+    ReportsStatus,
+    SendResult,
+    SendsWholeGroups,
+    SettlesEarly,
+    Uplink,
+)
 from gateway.uplinks.downsample import Downsampler, Plan
 from gateway.uplinks.ratelimit import RateLimiter
 
@@ -96,21 +104,25 @@ class UplinkRunner:
         self.requests: dict[str, int] = {o.value: 0 for o in Outcome}
         self._resume_at = 0.0  # monotonic
         self._nudge = asyncio.Event()  # set by resume_now() to wake a backing-off worker
-        self.downsampler = Downsampler(RouteTable(getattr(cfg, "routes", [])),
-                                       saved.get("windows"), grace_s=cfg.window_grace_s)
+        self.downsampler = Downsampler(
+            RouteTable(cfg.routes), saved.get("windows"), grace_s=cfg.window_grace_s
+        )
         #: When the last lease held readings back (open windows): seconds until the first may
         #: close without more data.
         self._recheck_s: float | None = None
         #: Plugins whose requests must carry a whole group (one packet per instant) say so.
-        self.whole_groups = bool(getattr(uplink, "whole_groups", False))
+        self.whole_groups = isinstance(uplink, SendsWholeGroups) and uplink.sends_whole_groups()
         self.live_first = cfg.order == "live_first"
         self.workers = cfg.concurrency
         if self.downsampler.active:
             # Windows must be handed out in capture order and never split between two leases in
             # flight: one worker, oldest first (a backfill window is then never "late").
             if self.live_first or self.workers > 1:
-                log.info("uplink_downsampling_in_order", uplink=self.name,
-                         reason="min_interval_s routes: oldest_first, one worker")
+                log.info(
+                    "uplink_downsampling_in_order",
+                    uplink=self.name,
+                    reason="min_interval_s routes: oldest_first, one worker",
+                )
             self.live_first = False
             self.workers = 1
         self._lease_size = self._base_lease_size()
@@ -326,7 +338,8 @@ class UplinkRunner:
             async with asyncio.timeout(self.cfg.timeout_s * 3):
                 if isinstance(self.uplink, SettlesEarly):
                     return await self.uplink.send_settling(
-                        chunk, lambda part: self._settle_early(lease, plan, part))
+                        chunk, lambda part: self._settle_early(lease, plan, part)
+                    )
                 return await self.uplink.send(chunk)
         except TimeoutError:
             return SendResult.failed(Outcome.TRANSIENT, "send timed out")
@@ -353,8 +366,12 @@ class UplinkRunner:
         except (sqlite3.Error, OSError) as exc:
             # Recording early is a saving, not a duty: the lease's completion records these too
             # (they are in the send's result). Failing here must not cancel the other part.
-            log.warning("uplink_settle_failed", uplink=self.name, readings=len(delivered) +
-                        len(rejected), error=f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "uplink_settle_failed",
+                uplink=self.name,
+                readings=len(delivered) + len(rejected),
+                error=f"{type(exc).__name__}: {exc}",
+            )
             return
         if delivered:
             self._on_success()
@@ -419,8 +436,7 @@ class UplinkRunner:
     def status(self) -> dict[str, Any]:
         stats = self.store.uplink_stats(self.name)
         # A plugin may add its own view (connection, in-flight window, import progress).
-        extra = getattr(self.uplink, "status", None)
-        plugin: dict[str, Any] = extra() if callable(extra) else {}
+        plugin = self.uplink.status() if isinstance(self.uplink, ReportsStatus) else {}
         return {
             "service": plugin,
             "state": self.state.value,

@@ -60,8 +60,13 @@ class Plan:
 class Downsampler:
     """Holds, per series, the start of the last window handed out (persisted by the caller)."""
 
-    def __init__(self, routes: Mapping[str, RouteBase] | RouteTable[RouteBase],
-                 sent: Mapping[str, int] | None = None, *, grace_s: float | None = None):
+    def __init__(
+        self,
+        routes: Mapping[str, RouteBase] | RouteTable[RouteBase],
+        sent: Mapping[str, int] | None = None,
+        *,
+        grace_s: float | None = None,
+    ):
         """``grace_s``: the uplink's ``window_grace_s`` (None: one window, at most 5 min)."""
         self._grace_ms = None if grace_s is None else int(grace_s * 1000)
         table = routes if isinstance(routes, RouteTable) else RouteTable(routes.values())

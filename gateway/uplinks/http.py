@@ -11,14 +11,16 @@ from __future__ import annotations
 import email.utils
 import ssl
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from gateway.configbase import mask_secrets
+import httpx
+
+from gateway.configbase import RouteBase, mask_secrets
 from gateway.uplinks.base import Outcome, SendResult
 
-if TYPE_CHECKING:
-    import httpx
+R = TypeVar("R", bound=RouteBase)
 
 #: Longest service error text kept in a dead letter or status line.
 MAX_REASON = 500
@@ -28,8 +30,6 @@ def make_client(
     timeout_s: float, *, verify: bool = True, ca_file: Path | None = None
 ) -> httpx.AsyncClient:
     """An AsyncClient with explicit per-phase timeouts and TLS verification on by default."""
-    import httpx
-
     tls: ssl.SSLContext | bool
     if not verify:
         tls = False
@@ -66,6 +66,36 @@ class LazyClient:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+
+class HttpSettings(Protocol):
+    """The config fields every HTTP plugin's client is built from."""
+
+    name: str
+    timeout_s: float
+    verify_tls: bool
+    ca_file: Path | None
+
+
+class HttpPlugin(Generic[R]):
+    """What every HTTP plugin has in common: its name, its routes by series (the ``routes`` of
+    the :class:`~gateway.uplinks.base.Uplink` protocol) and one lazily made client, closed by
+    :meth:`aclose`. Plugins subclass it and add their wire format."""
+
+    def __init__(self, cfg: HttpSettings, routes: Iterable[R]) -> None:
+        self.name = cfg.name
+        self._routes: dict[str, R] = {r.series: r for r in routes}
+        self._client = LazyClient(cfg.timeout_s, verify=cfg.verify_tls, ca_file=cfg.ca_file)
+
+    @property
+    def routes(self) -> Mapping[str, R]:
+        return self._routes
+
+    def _http(self) -> httpx.AsyncClient:
+        return self._client.get()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 def retry_after(headers: Any) -> float | None:
@@ -112,8 +142,6 @@ def classify(response: httpx.Response) -> SendResult:
 
 def transport_failure(exc: Exception) -> SendResult:
     """A network-level failure (refused, reset, timeout, TLS) as a transient result."""
-    import httpx
-
     if isinstance(exc, httpx.TimeoutException):
         kind = "timeout"
     elif isinstance(exc, httpx.ConnectError):

@@ -41,8 +41,15 @@ class Daemon:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "--config", str(self.config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self.env,
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--config",
+            str(self.config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self.env,
         )
         self._reader = asyncio.create_task(self._read(), name="daemon-reader")
 
@@ -67,8 +74,12 @@ class Daemon:
                 for e in self.events:
                     if e.get("event") == name:
                         return e
-                if self.proc is not None and self.proc.returncode is not None and self._reader \
-                        and self._reader.done():
+                if (
+                    self.proc is not None
+                    and self.proc.returncode is not None
+                    and self._reader
+                    and self._reader.done()
+                ):
                     raise AssertionError(f"daemon exited before {name}: {self.raw[-20:]}")
                 await self._cond.wait()
 
@@ -118,8 +129,9 @@ class Daemon:
                 return st
             if time.monotonic() > deadline:
                 shown = {k: st.get(k) for k in ("sources", "uplinks")}
-                raise AssertionError(f"{what} not reached within {timeout:g} s: "
-                                     f"{json.dumps(shown, indent=1)}")
+                raise AssertionError(
+                    f"{what} not reached within {timeout:g} s: {json.dumps(shown, indent=1)}"
+                )
             await self.next_line(0.25)
 
     async def aclose(self) -> None:

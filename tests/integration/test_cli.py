@@ -30,13 +30,19 @@ unit = "m"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True,
-                          env={"CLI_TEST_TOKEN": "x" * 8, "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"CLI_TEST_TOKEN": "x" * 8, "PATH": "/usr/bin:/bin"},
+    )
 
 
 async def seed(cfg_text: str) -> None:
-    loaded = load_config_text(cfg_text.replace('{ env = "CLI_TEST_TOKEN" }',
-                                               '{ value = "xxxxxxxx", plain_text = true }'))
+    loaded = load_config_text(
+        cfg_text.replace('{ env = "CLI_TEST_TOKEN" }', '{ value = "xxxxxxxx", plain_text = true }')
+    )
     s = loaded.settings
     store = await Store.open(s.store, {"qatium": ["tank1.level"]})
     writer = asyncio.create_task(store.run())

@@ -22,8 +22,7 @@ SERIES = ["log.temp", "gw.level"]
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10),
-                         {"u": SERIES})
+    s = await Store.open(StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10), {"u": SERIES})
     writer = asyncio.create_task(s.run(), name="store:writer")
     yield s
     writer.cancel()
@@ -52,7 +51,9 @@ async def test_a_9999_line_never_reaches_the_store_and_the_series_goes_on(store:
         await store.ingest([Reading("log.temp", ts, float(k))], prepare=clock.stamp, durable=True)
     got = await everything(store)
     assert [(i.ts, i.value, i.quality) for i in got] == [
-        (sent[0], 0.0, 0), (sent[2], 2.0, 0), (sent[3], 3.0, 0)
+        (sent[0], 0.0, 0),
+        (sent[2], 2.0, 0),
+        (sent[3], 3.0, 0),
     ]
     assert clock.status()["rejected_timestamps"] == {"future": 1, "past": 0}
 
@@ -71,7 +72,8 @@ async def test_the_repair_moves_the_gateway_s_stamps_not_a_logger_s_own_times(
         gw_taken.append(t.mono)
         await store.ingest(
             [Reading("log.temp", logger, float(k)), Reading("gw.level", t.wall, float(k))],
-            prepare=clock.stamp, durable=True,
+            prepare=clock.stamp,
+            durable=True,
         )
     true_offset = REAL - t.mono
     t.step(true_offset - (t.wall - t.mono))  # NTP

@@ -23,7 +23,8 @@ from gateway.models import Reading
 from gateway.sandbox.qatium import QatiumEmulator
 from gateway.store import Store
 from gateway.uplinks.dispatch import UplinkRunner
-from gateway.uplinks.qatium import QatiumConfig, QatiumUplink, iso_time
+from gateway.uplinks.qatium.config import QatiumConfig
+from gateway.uplinks.qatium.uplink import QatiumUplink, iso_time
 from tests.test_clock import DAY, REAL, FakeTime
 
 SERIES = "tank1.level"
@@ -32,19 +33,28 @@ NETWORK = {"Tank1": "tank"}
 
 
 def qcfg(url: str, **kw: object) -> QatiumConfig:
-    return QatiumConfig.model_validate({
-        "name": "qatium", "type": "qatium", "url": f"{url}/ingest", "token": {"env": "UNUSED"},
-        "routes": [{"series": SERIES, "asset": "Tank1", "metric": "level", "unit": "m"}],
-        "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 5, "job_poll_s": 0.05,
-        **kw,
-    })
+    return QatiumConfig.model_validate(
+        {
+            "name": "qatium",
+            "type": "qatium",
+            "url": f"{url}/ingest",
+            "token": {"env": "UNUSED"},
+            "routes": [{"series": SERIES, "asset": "Tank1", "metric": "level", "unit": "m"}],
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.2,
+            "timeout_s": 5,
+            "job_poll_s": 0.05,
+            **kw,
+        }
+    )
 
 
 class Rig:
     """One store, its clock and one Qatium uplink runner against the emulator."""
 
-    def __init__(self, t: FakeTime, store: Store, clock: Clock, runner: UplinkRunner,
-                 emu: QatiumEmulator) -> None:
+    def __init__(
+        self, t: FakeTime, store: Store, clock: Clock, runner: UplinkRunner, emu: QatiumEmulator
+    ) -> None:
         self.t, self.store, self.clock, self.runner, self.emu = t, store, clock, runner, emu
         self.writer = asyncio.create_task(store.run(), name="store:writer")
         self.task: asyncio.Task[None] | None = None
@@ -93,17 +103,17 @@ async def rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
     made: list[Rig] = []
     emus: list[QatiumEmulator] = []
 
-    async def make(t: FakeTime, *, boot: str = "boot-1", db: str = "q.db",
-                   **cfg_kw: object) -> Rig:
+    async def make(t: FakeTime, *, boot: str = "boot-1", db: str = "q.db", **cfg_kw: object) -> Rig:
         emu = QatiumEmulator(token=TOKEN, assets=NETWORK)
         await emu.start()
         emus.append(emu)
         cfg = qcfg(emu.url, **cfg_kw)
         # REAL (tests/test_clock.py) is a fixed date that ages: retention must not evict the
         # readings these tests stamp with it while they wait for their turn to be sent.
-        store = await Store.open(StoreConfig(path=tmp_path / db, commit_interval_ms=10,
-                                             retention_days=36_500),
-                                 {"qatium": cfg.routed_series()})
+        store = await Store.open(
+            StoreConfig(path=tmp_path / db, commit_interval_ms=10, retention_days=36_500),
+            {"qatium": cfg.routed_series()},
+        )
         clock = clock_for(t, boot)
         await clock.start(store)
         runner = UplinkRunner(QatiumUplink(cfg, Secret(TOKEN, "test")), cfg, store, clock)
@@ -212,8 +222,9 @@ async def test_a_1970_timestamp_is_never_sent_even_without_holding(rig: MakeRig)
 
 async def test_buffered_and_committed_readings_are_repaired_alike(tmp_path: Path) -> None:
     t = FakeTime(REAL - DAY)
-    store = await Store.open(StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10),
-                             {"u": [SERIES]})
+    store = await Store.open(
+        StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10), {"u": [SERIES]}
+    )
     clock = clock_for(t, "boot-1")
     await clock.start(store)
     writer = asyncio.create_task(store.run())
@@ -353,8 +364,12 @@ async def test_the_gateway_shows_the_clock_holds_and_releases(tmp_path: Path) ->
                                 return st
                             await gw.store.wait_for_data(0.05)  # type: ignore[union-attr]
 
-                st = await status_until(lambda s: s["clock"]["unsynced_pending"] >= 5
-                                        and s["uplinks"]["qatium"]["clock_hold_from_id"])
+                st = await status_until(
+                    lambda s: (
+                        s["clock"]["unsynced_pending"] >= 5
+                        and s["uplinks"]["qatium"]["clock_hold_from_id"]
+                    )
+                )
                 assert st["clock"]["synchronized"] is False
                 assert st["clock"]["source"] == "fake"
                 assert st["uplinks"]["qatium"]["delivered"] == 0

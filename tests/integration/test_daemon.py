@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gateway.sandbox.qatium import QatiumEmulator
-from gateway.uplinks.qatium import iso_time
+from gateway.uplinks.qatium.uplink import iso_time
 
 from .daemon import Daemon
 
@@ -107,8 +107,9 @@ def config(tmp_path: Path, qatium: QatiumEmulator) -> Path:
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
     path = tmp_path / "fieldgate.toml"
-    path.write_text(CONFIG.format(tmp=tmp_path, url=qatium.url, dead_port=closed_port(),
-                                  level="info"))
+    path.write_text(
+        CONFIG.format(tmp=tmp_path, url=qatium.url, dead_port=closed_port(), level="info")
+    )
     return path
 
 
@@ -140,8 +141,9 @@ async def test_kill_9_while_sending_loses_nothing(
         await qatium.wait_for(lambda n=n: qatium.faults.injected["delay"] >= n, timeout=20)
         assert await d.kill() == -9
     # Final run with the source switched off: drain what was captured, then stop.
-    config.write_text(config.read_text().replace(
-        'type = "synthetic"', 'type = "synthetic"\nenabled = false'))
+    config.write_text(
+        config.read_text().replace('type = "synthetic"', 'type = "synthetic"\nenabled = false')
+    )
     d = Daemon(config)
     daemons.append(d)
     await d.start()
@@ -178,7 +180,9 @@ async def test_sigterm_flushes_and_exits_zero(
     assert names.index("shutdown_requested") < names.index("gateway_stopped")
     # Clean shutdown mark written; everything produced was committed (witness holds it).
     with sqlite3.connect(config.parent / "fg.db") as raw:
-        assert raw.execute("SELECT value FROM meta WHERE key='clean'").fetchone()[0] == 1, d.raw[-8:]
+        assert raw.execute("SELECT value FROM meta WHERE key='clean'").fetchone()[0] == 1, d.raw[
+            -8:
+        ]
     produced = sum(1 for e in d.events if e.get("event") == "x")  # no per-reading log lines
     assert produced == 0
 
@@ -250,8 +254,14 @@ async def test_config_error_exits_78_without_starting(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[store]\nquota_bytes = -1\n")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "--config", str(bad),
-        stderr=asyncio.subprocess.PIPE, env={**os.environ},
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "--config",
+        str(bad),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ},
     )
     _, err = await proc.communicate()
     assert proc.returncode == 78

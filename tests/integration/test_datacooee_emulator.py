@@ -27,8 +27,14 @@ def doc(input_pk: str = "sen1", **attributes: Any) -> dict[str, Any]:
     attrs: dict[str, Any] = {"value": "12.5", "timestamp": "2020-10-13T14:02:39.489Z"}
     attrs.update(attributes)
     attrs = {k: v for k, v in attrs.items() if v is not None}
-    return {"data": {"type": "SensorData", "id": "null", "attributes": attrs,
-                     "relationships": {"sensor": {"data": {"type": "Sensor", "id": input_pk}}}}}
+    return {
+        "data": {
+            "type": "SensorData",
+            "id": "null",
+            "attributes": attrs,
+            "relationships": {"sensor": {"data": {"type": "Sensor", "id": input_pk}}},
+        }
+    }
 
 
 @pytest.fixture
@@ -39,8 +45,9 @@ def clock() -> ManualClock:
 @pytest.fixture
 async def emu(clock: ManualClock) -> AsyncIterator[DatacooeeEmulator]:
     inputs = {"sen1": "any", "sennum": "number"}
-    async with DatacooeeEmulator(ORG, KEY, inputs=inputs, forbidden_keys=[READ_ONLY],
-                                 clock=clock) as e:
+    async with DatacooeeEmulator(
+        ORG, KEY, inputs=inputs, forbidden_keys=[READ_ONLY], clock=clock
+    ) as e:
         yield e
 
 
@@ -50,8 +57,9 @@ async def client(emu: DatacooeeEmulator) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def post(client: httpx.AsyncClient, body: object, input_pk: str = "sen1",
-               **headers: str) -> httpx.Response:
+async def post(
+    client: httpx.AsyncClient, body: object, input_pk: str = "sen1", **headers: str
+) -> httpx.Response:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     merged = {**HEADERS, **{k.replace("_", "-"): v for k, v in headers.items()}}
     return await client.post(PATH.format(input_pk), content=raw, headers=merged)
@@ -71,27 +79,45 @@ async def test_the_documents_example_is_created(
     resp = await post(client, doc(latitude="40.730610", longitude="-73.935242"))
     assert resp.status_code == 201, resp.text
     assert resp.headers["content-type"].startswith(MEDIA_TYPE)
-    assert resp.json() == {"data": {
-        "type": "SensorData", "id": "1",
-        "attributes": {"timestamp": "2020-10-13T14:02:39.489000Z", "value": "12.5",
-                       "latitude": "40.730610", "longitude": "-73.935242"},
-        "relationships": {"sensor": {"data": {"type": "Sensor", "id": "sen1"}}}}}
+    assert resp.json() == {
+        "data": {
+            "type": "SensorData",
+            "id": "1",
+            "attributes": {
+                "timestamp": "2020-10-13T14:02:39.489000Z",
+                "value": "12.5",
+                "latitude": "40.730610",
+                "longitude": "-73.935242",
+            },
+            "relationships": {"sensor": {"data": {"type": "Sensor", "id": "sen1"}}},
+        }
+    }
     [got] = emu.accepted
     assert (got.input_pk, got.value, got.timestamp, got.latitude) == (
-        "sen1", "12.5", "2020-10-13T14:02:39.489Z", "40.730610")
+        "sen1",
+        "12.5",
+        "2020-10-13T14:02:39.489Z",
+        "40.730610",
+    )
 
 
-@pytest.mark.parametrize(("headers", "status", "detail"), [
-    ({"ORGANIZATION_API_KEY": ""}, 401, "not provided"),
-    ({"ORGANIZATION_ID": "someone-else"}, 401, "Incorrect"),
-    ({"ORGANIZATION_API_KEY": "guess"}, 401, "Incorrect"),
-    ({"ORGANIZATION_API_KEY": READ_ONLY}, 403, "permission"),
-    ({"Accept": "application/json"}, 406, "Accept"),
-    ({"Content_Type": "application/json"}, 415, "application/json"),
-    ({"Content_Type": f"{MEDIA_TYPE}; charset=utf-8"}, 415, "charset"),
-])
+@pytest.mark.parametrize(
+    ("headers", "status", "detail"),
+    [
+        ({"ORGANIZATION_API_KEY": ""}, 401, "not provided"),
+        ({"ORGANIZATION_ID": "someone-else"}, 401, "Incorrect"),
+        ({"ORGANIZATION_API_KEY": "guess"}, 401, "Incorrect"),
+        ({"ORGANIZATION_API_KEY": READ_ONLY}, 403, "permission"),
+        ({"Accept": "application/json"}, 406, "Accept"),
+        ({"Content_Type": "application/json"}, 415, "application/json"),
+        ({"Content_Type": f"{MEDIA_TYPE}; charset=utf-8"}, 415, "charset"),
+    ],
+)
 async def test_headers_are_enforced(
-    emu: DatacooeeEmulator, client: httpx.AsyncClient, headers: dict[str, str], status: int,
+    emu: DatacooeeEmulator,
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    status: int,
     detail: str,
 ) -> None:
     resp = await post(client, doc(), **headers)
@@ -109,18 +135,21 @@ async def test_unknown_input_is_404(emu: DatacooeeEmulator, client: httpx.AsyncC
     assert (await post(client, doc("senghost"), "senghost")).status_code == 404
 
 
-@pytest.mark.parametrize(("attributes", "pointer", "detail"), [
-    ({"value": None}, "/data/attributes/value", "required"),
-    ({"value": 12.5}, "/data/attributes/value", "Not a valid string."),
-    ({"value": "  "}, "/data/attributes/value", "may not be blank"),
-    ({"timestamp": "2020-10-13 14:02:39"}, "/data/attributes/timestamp", "wrong format"),
-    ({"timestamp": "2020-10-13T14:02:39.489"}, "/data/attributes/timestamp", "wrong format"),
-    ({"timestamp": "2020-13-13T14:02:39Z"}, "/data/attributes/timestamp", "wrong format"),
-    ({"latitude": "40.7"}, "/data/attributes/longitude", "go together"),
-    ({"latitude": 40.7, "longitude": "1"}, "/data/attributes/latitude", "Not a valid string."),
-    ({"latitude": "95", "longitude": "1"}, "/data/attributes/latitude", "between -90 and 90"),
-    ({"altitude": "12"}, "/data/attributes/altitude", "Unknown attribute"),
-])
+@pytest.mark.parametrize(
+    ("attributes", "pointer", "detail"),
+    [
+        ({"value": None}, "/data/attributes/value", "required"),
+        ({"value": 12.5}, "/data/attributes/value", "Not a valid string."),
+        ({"value": "  "}, "/data/attributes/value", "may not be blank"),
+        ({"timestamp": "2020-10-13 14:02:39"}, "/data/attributes/timestamp", "wrong format"),
+        ({"timestamp": "2020-10-13T14:02:39.489"}, "/data/attributes/timestamp", "wrong format"),
+        ({"timestamp": "2020-13-13T14:02:39Z"}, "/data/attributes/timestamp", "wrong format"),
+        ({"latitude": "40.7"}, "/data/attributes/longitude", "go together"),
+        ({"latitude": 40.7, "longitude": "1"}, "/data/attributes/latitude", "Not a valid string."),
+        ({"latitude": "95", "longitude": "1"}, "/data/attributes/latitude", "between -90 and 90"),
+        ({"altitude": "12"}, "/data/attributes/altitude", "Unknown attribute"),
+    ],
+)
 async def test_attributes_are_validated(
     client: httpx.AsyncClient, attributes: dict[str, Any], pointer: str, detail: str
 ) -> None:
@@ -134,7 +163,9 @@ async def test_every_field_problem_is_reported_at_once(client: httpx.AsyncClient
     resp = await post(client, doc("sennum", value="high", timestamp="yesterday"), "sennum")
     assert resp.status_code == 400
     assert [e["source"]["pointer"] for e in errors(resp)] == [
-        "/data/attributes/value", "/data/attributes/timestamp"]
+        "/data/attributes/value",
+        "/data/attributes/timestamp",
+    ]
     assert errors(resp)[0]["detail"] == "A valid number is required."
 
 
@@ -194,8 +225,16 @@ async def test_hold_keeps_requests_in_flight(
 
 async def test_standalone_cli_serves_until_interrupted() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.sandbox.datacooee", "--port", "0", "--input", "sen1",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "gateway.sandbox.datacooee",
+        "--port",
+        "0",
+        "--input",
+        "sen1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     try:
         assert proc.stdout is not None
         async with asyncio.timeout(20):

@@ -18,7 +18,8 @@ from gateway.config import Secret
 from gateway.models import Position, Reading
 from gateway.sandbox.datacooee import DatacooeeEmulator, InputData
 from gateway.sandbox.emulator import ManualClock
-from gateway.uplinks.datacooee import DatacooeeConfig, DatacooeeUplink
+from gateway.uplinks.datacooee.config import DatacooeeConfig
+from gateway.uplinks.datacooee.uplink import DatacooeeUplink
 from gateway.uplinks.dispatch import UplinkState
 
 from .uplink_harness import Harness, Harnesses
@@ -32,8 +33,13 @@ ROUTES: list[dict[str, object]] = [
     {"series": "valve2.open", "input_pk": "senvalve02", "booleans": "text"},
     {"series": "gate.state", "input_pk": "senstate01"},
 ]
-INPUTS = {"senlevel01": "number", "sencount01": "number", "senrun01": "number",
-          "senvalve02": "any", "senstate01": "any"}
+INPUTS = {
+    "senlevel01": "number",
+    "sencount01": "number",
+    "senrun01": "number",
+    "senvalve02": "any",
+    "senstate01": "any",
+}
 Key = tuple[str, str, str, str | None, str | None]
 
 
@@ -41,13 +47,22 @@ Key = tuple[str, str, str, str | None, str | None]
 async def env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     hs = Harnesses(tmp_path)
 
-    async def make(key: str = KEY, emu_kw: dict[str, Any] | None = None,
-                   **cfg_kw: object) -> Harness:
+    async def make(
+        key: str = KEY, emu_kw: dict[str, Any] | None = None, **cfg_kw: object
+    ) -> Harness:
         emu = await hs.serve(DatacooeeEmulator(ORG, KEY, **{"inputs": INPUTS, **(emu_kw or {})}))
         data: dict[str, object] = {
-            "name": "datacooee", "type": "datacooee", "url": emu.url, "organization_id": ORG,
-            "api_key": {"env": "UNUSED"}, "routes": ROUTES, "backoff_initial_s": 0.05,
-            "backoff_max_s": 0.2, "timeout_s": 5, "rate_limit_requests": 0, **cfg_kw,
+            "name": "datacooee",
+            "type": "datacooee",
+            "url": emu.url,
+            "organization_id": ORG,
+            "api_key": {"env": "UNUSED"},
+            "routes": ROUTES,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.2,
+            "timeout_s": 5,
+            "rate_limit_requests": 0,
+            **cfg_kw,
         }
         cfg = DatacooeeConfig.model_validate(data)
         return await hs.build(cfg, DatacooeeUplink(cfg, Secret(key, "test")), emu)
@@ -114,11 +129,14 @@ async def test_every_reading_arrives_exactly_as_documented(env: Callable[..., An
     await h.until(lambda: h.stats()["backlog"] == 0 and len(h.emu.accepted) == len(rs))
     assert keys(h.emu.accepted) == expected(rs)
     [doc] = [a for a in h.emu.accepted if a.timestamp.endswith(".489Z")]
-    assert doc.raw == (
-        '{"data":{"type":"SensorData","id":"null","attributes":{"value":"12.5",'
-        f'"timestamp":"{utc(t)}.489Z","latitude":"40.73061","longitude":"-73.935242"}},'
-        '"relationships":{"sensor":{"data":{"type":"Sensor","id":"senlevel01"}}}}}'
-    ).encode()
+    assert (
+        doc.raw
+        == (
+            '{"data":{"type":"SensorData","id":"null","attributes":{"value":"12.5",'
+            f'"timestamp":"{utc(t)}.489Z","latitude":"40.73061","longitude":"-73.935242"}},'
+            '"relationships":{"sensor":{"data":{"type":"Sensor","id":"senlevel01"}}}}}'
+        ).encode()
+    )
     assert h.emu.status_counts[201] == len(rs)
     assert h.stats()["dead_letters"] == 0
     assert h.runner.state is UplinkState.OK
@@ -187,8 +205,11 @@ async def test_429_retry_after_is_honoured(env: Callable[..., Any]) -> None:
 async def test_backlog_drains_within_the_service_rate_limit(env: Callable[..., Any]) -> None:
     # The gateway's window is half a second longer than the service's: a request that takes
     # longer to arrive than the one before it must not make the service see five in a second.
-    h: Harness = await env(emu_kw={"rate_limit": 4, "rate_period_s": 1.0},
-                           rate_limit_requests=4, rate_limit_period_s=1.5)
+    h: Harness = await env(
+        emu_kw={"rate_limit": 4, "rate_period_s": 1.0},
+        rate_limit_requests=4,
+        rate_limit_period_s=1.5,
+    )
     rs = mixed(2)  # 10 requests: three windows
     await h.store.ingest(rs, durable=True)
     h.start()
@@ -219,8 +240,9 @@ async def test_service_throttle_is_survived(env: Callable[..., Any]) -> None:
 async def test_refused_key_is_auth_failed_and_keeps_data(
     env: Callable[..., Any], key: str, status: int
 ) -> None:
-    h: Harness = await env(key=key, emu_kw={"forbidden_keys": ["read-only-key-7"]},
-                           auth_retry_s=3600)
+    h: Harness = await env(
+        key=key, emu_kw={"forbidden_keys": ["read-only-key-7"]}, auth_retry_s=3600
+    )
     rs = mixed(2)
     await h.store.ingest(rs, durable=True)
     with structlog.testing.capture_logs() as logs:
@@ -234,8 +256,9 @@ async def test_refused_key_is_auth_failed_and_keeps_data(
 
 
 async def test_unknown_input_is_dead_lettered_with_the_reason(env: Callable[..., Any]) -> None:
-    h: Harness = await env(emu_kw={"inputs": {k: v for k, v in INPUTS.items()
-                                              if k != "senstate01"}})
+    h: Harness = await env(
+        emu_kw={"inputs": {k: v for k, v in INPUTS.items() if k != "senstate01"}}
+    )
     rs = mixed(3)
     await h.store.ingest(rs, durable=True)
     h.start()
@@ -251,7 +274,7 @@ async def test_unknown_input_is_dead_lettered_with_the_reason(env: Callable[...,
 
 
 async def test_invalid_value_is_dead_lettered_with_the_service_detail(
-    env: Callable[..., Any]
+    env: Callable[..., Any],
 ) -> None:
     # The input was set up as numeric in Datacooee, but the series sends text: only the service
     # knows, and says so per request.
@@ -262,8 +285,11 @@ async def test_invalid_value_is_dead_lettered_with_the_service_detail(
     await h.until(lambda: h.stats()["backlog"] == 0)
     letters = await h.store.dead_letters("datacooee")
     assert len(letters) == 3 and {d["series"] for d in letters} == {"gate.state"}
-    assert all(d["reason"] == "refused by Datacooee for input 'senstate01': "
-               "value: A valid number is required." for d in letters)
+    assert all(
+        d["reason"] == "refused by Datacooee for input 'senstate01': "
+        "value: A valid number is required."
+        for d in letters
+    )
     assert keys(h.emu.accepted) == expected([r for r in rs if r.series != "gate.state"])
     assert h.emu.status_counts[400] == 3
 

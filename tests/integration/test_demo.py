@@ -20,9 +20,16 @@ def free_port() -> int:
 async def test_demo_delivers_and_stops_cleanly(tmp_path: object) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "demo", "--health-port", str(port),
-        "--state-dir", str(tmp_path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "gateway",
+        "demo",
+        "--health-port",
+        str(port),
+        "--state-dir",
+        str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     status: dict[str, Any] = {}
@@ -36,7 +43,10 @@ async def test_demo_delivers_and_stops_cleanly(tmp_path: object) -> None:
                 while True:
                     status = (await client.get("/status")).json()
                     up = status["uplinks"]
-                    if all(up[n]["delivered"] > 0 for n in ("qatium", "vanda", "energydata", "datacooee")):
+                    if all(
+                        up[n]["delivered"] > 0
+                        for n in ("qatium", "vanda", "energydata", "datacooee")
+                    ):
                         break
                     # Polling another process's endpoint: the interval only paces the requests.
                     await asyncio.sleep(0.25)

@@ -118,8 +118,10 @@ class Producer:
 
     async def _run(self) -> None:
         while True:
-            rs = [Reading(SERIES[i % len(SERIES)], self._ts + i, float(i % 997))
-                  for i in range(self.batch)]
+            rs = [
+                Reading(SERIES[i % len(SERIES)], self._ts + i, float(i % 997))
+                for i in range(self.batch)
+            ]
             self._ts += self.batch
             await self.store.ingest(rs)
             self.produced += len(rs)
@@ -155,7 +157,10 @@ async def running_store(cfg: StoreConfig) -> AsyncIterator[tuple[Store, asyncio.
 
 
 async def until(
-    store: Store, writer: asyncio.Task[None], predicate: Callable[[], bool], what: str,
+    store: Store,
+    writer: asyncio.Task[None],
+    predicate: Callable[[], bool],
+    what: str,
     timeout: float = 90,
 ) -> None:
     """Wait (re-checking after every commit, at least every 50 ms) until ``predicate`` holds;
@@ -177,8 +182,11 @@ def rows_on_disk(db: Path) -> int:
 
 
 def evictions(store: Store, reason: str) -> list[dict[str, Any]]:
-    return [e for e in store.stats()["events"]
-            if e["kind"] == "evicted" and e["detail"].startswith(f"{reason}:")]
+    return [
+        e
+        for e in store.stats()["events"]
+        if e["kind"] == "evicted" and e["detail"].startswith(f"{reason}:")
+    ]
 
 
 async def settle(store: Store, producer: Producer) -> None:
@@ -209,17 +217,30 @@ KEEPS_UP_PAUSE = 0.02
 
 async def quota_far_below_the_data(directory: Path) -> None:
     """The policy through the quota: 1 MiB (the smallest allowed) against tens of MiB."""
-    cfg = StoreConfig(path=directory / "quota.db", quota_bytes=MiB, commit_interval_ms=20,
-                      commit_max_rows=5000, buffer_max_rows=20_000)
+    cfg = StoreConfig(
+        path=directory / "quota.db",
+        quota_bytes=MiB,
+        commit_interval_ms=20,
+        commit_max_rows=5000,
+        buffer_max_rows=20_000,
+    )
     with every_log_event() as events:
         async with running_store(cfg) as (store, writer):
             producer = Producer(store, batch=1000, pause=KEEPS_UP_PAUSE)
             try:
                 # Several rounds of maintenance (every 2 s) must each find the quota exceeded.
-                await until(store, writer, lambda: len(evictions(store, "quota")) >= 3,
-                            "three quota evictions")
-                await until(store, writer, lambda: store.captured_total > 300_000,
-                            "ten times the quota captured")
+                await until(
+                    store,
+                    writer,
+                    lambda: len(evictions(store, "quota")) >= 3,
+                    "three quota evictions",
+                )
+                await until(
+                    store,
+                    writer,
+                    lambda: store.captured_total > 300_000,
+                    "ten times the quota captured",
+                )
             finally:
                 await settle(store, producer)
             await store.maintain()
@@ -244,16 +265,26 @@ class MaintenanceStarved(AssertionError):
 
 
 async def test_maintenance_runs_while_ingest_outpaces_commits(tmp_path: Path) -> None:
-    cfg = StoreConfig(path=tmp_path / "busy.db", quota_bytes=MiB, commit_interval_ms=20,
-                      commit_max_rows=5000, buffer_max_rows=20_000)
+    cfg = StoreConfig(
+        path=tmp_path / "busy.db",
+        quota_bytes=MiB,
+        commit_interval_ms=20,
+        commit_max_rows=5000,
+        buffer_max_rows=20_000,
+    )
     async with running_store(cfg) as (store, writer):
         producer = Producer(store)  # never pauses: the buffer is refilled during each commit
         try:
             # Maintenance is due every 2 s; five rounds' time to see the quota enforced once.
             await until(store, writer, lambda: store.captured_total > 100_000, "ingest")
             try:
-                await until(store, writer, lambda: bool(evictions(store, "quota")),
-                            "quota eviction", timeout=10)
+                await until(
+                    store,
+                    writer,
+                    lambda: bool(evictions(store, "quota")),
+                    "quota eviction",
+                    timeout=10,
+                )
             except WriterDied:
                 raise
             except AssertionError as exc:
@@ -272,8 +303,9 @@ async def test_enospc_on_a_small_disk_evicts_keeps_running_and_recovers(
             # No CAP_SYS_ADMIN here: the same policy through the quota (never a skip).
             await quota_far_below_the_data(tmp_path)
             return
-        cfg = StoreConfig(path=disk / "fg.db", commit_interval_ms=20, commit_max_rows=5000,
-                          buffer_max_rows=20_000)
+        cfg = StoreConfig(
+            path=disk / "fg.db", commit_interval_ms=20, commit_max_rows=5000, buffer_max_rows=20_000
+        )
         with every_log_event() as events:
             async with running_store(cfg) as (store, writer):
                 producer = Producer(store)
@@ -303,14 +335,21 @@ async def enospc_then_recovery(
     assert not store.writable()  # /health says so, with the reason
     captured_when_full = store.captured_total
     # 2. The oldest readings are evicted for space, counted for the uplink, shown in stats().
-    await until(store, writer, lambda: store.uplink_stats(WITNESS)["evicted"] > 0,
-                "eviction for space")
+    await until(
+        store, writer, lambda: store.uplink_stats(WITNESS)["evicted"] > 0, "eviction for space"
+    )
     assert evictions(store, "disk_full")
     assert store.stats()["evicted_total"] == store.uplink_stats(WITNESS)["evicted"]
     # 3. Ingest goes on, on the same small disk: commits succeed again, well past what filled
     #    it (several rounds of running full and evicting).
-    await until(store, writer, lambda: store.captured_total >= captured_when_full + 100_000
-                and store.last_commit_error is None, "ingest after the eviction")
+    await until(
+        store,
+        writer,
+        lambda: (
+            store.captured_total >= captured_when_full + 100_000 and store.last_commit_error is None
+        ),
+        "ingest after the eviction",
+    )
     # 4. Nothing was dropped without being counted.
     await settle(store, producer)
     assert_nothing_lost_uncounted(store, producer, store.path)

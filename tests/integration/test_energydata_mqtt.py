@@ -24,11 +24,14 @@ from gateway.sandbox.energydata_broker import EnergydataBroker
 from gateway.sandbox.mosquitto import Mosquitto, make_test_ca
 from gateway.store import Store
 from gateway.uplinks.dispatch import UplinkRunner, UplinkState
-from gateway.uplinks.energydata import EnergydataConfig, EnergydataUplink
+from gateway.uplinks.energydata.config import EnergydataConfig
+from gateway.uplinks.energydata.uplink import EnergydataUplink
 
 TOKEN = "edk-token-0123456789"
-DATASETS = [{"name": "site", "prefix": "siteA"},
-            {"name": "pump", "prefix": "siteB", "messages": "single"}]
+DATASETS = [
+    {"name": "site", "prefix": "siteA"},
+    {"name": "pump", "prefix": "siteB", "messages": "single"},
+]
 ROUTES = [
     {"series": "well.level", "dataset": "site", "suffix": "well/level"},
     {"series": "well.temp", "dataset": "site", "suffix": "well/temp"},
@@ -46,10 +49,21 @@ def edk_cfg(port: int, **kw: object) -> EnergydataConfig:
     # sent again, and the backlog counter runs ahead). Exact counts below need one worker until
     # that is fixed; the window is shared by all workers either way.
     data: dict[str, object] = {
-        "name": "edk", "type": "energydata", "host": "127.0.0.1", "port": port, "tls": False,
-        "token": {"env": "UNUSED"}, "datasets": DATASETS, "routes": ROUTES, "window": 20,
-        "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "ack_timeout_s": 10,
-        "connect_timeout_s": 5, "concurrency": 1, **kw,
+        "name": "edk",
+        "type": "energydata",
+        "host": "127.0.0.1",
+        "port": port,
+        "tls": False,
+        "token": {"env": "UNUSED"},
+        "datasets": DATASETS,
+        "routes": ROUTES,
+        "window": 20,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.2,
+        "ack_timeout_s": 10,
+        "connect_timeout_s": 5,
+        "concurrency": 1,
+        **kw,
     }
     return EnergydataConfig.model_validate(data)
 
@@ -100,8 +114,9 @@ class Subscriber:
         return self
 
     async def _run(self) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.port, username="reader",
-                                  identifier="test-reader") as c:
+        async with aiomqtt.Client(
+            "127.0.0.1", self.port, username="reader", identifier="test-reader"
+        ) as c:
             await c.subscribe("#", qos=1)
             self._ready.set()
             async for m in c.messages:
@@ -132,8 +147,10 @@ async def env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
     async def make(port: int, token: str = TOKEN, **cfg_kw: object) -> Harness:
         cfg = edk_cfg(port, **cfg_kw)
-        store = await Store.open(StoreConfig(path=tmp_path / f"e{len(made)}.db",
-                                             commit_interval_ms=10), {"edk": cfg.routed_series()})
+        store = await Store.open(
+            StoreConfig(path=tmp_path / f"e{len(made)}.db", commit_interval_ms=10),
+            {"edk": cfg.routed_series()},
+        )
         writer = asyncio.create_task(store.run(), name="store:writer")
         up = EnergydataUplink(cfg, Secret(token, "test"))
         h = Harness(store, UplinkRunner(up, cfg, store), up)
@@ -157,9 +174,13 @@ def site_readings(n: int, t0: int | None = None) -> list[Reading]:
     out: list[Reading] = []
     for i in range(n):
         t = t0 + i * 1000
-        out += [Reading("well.level", t, round(2 + i * 0.01, 3)), Reading("well.temp", t, 10.5),
-                Reading("well.count", t, i), Reading("well.state", t, "on" if i % 2 else "off"),
-                Reading("pump.power", t, i % 3 == 0)]
+        out += [
+            Reading("well.level", t, round(2 + i * 0.01, 3)),
+            Reading("well.temp", t, 10.5),
+            Reading("well.count", t, i),
+            Reading("well.state", t, "on" if i % 2 else "off"),
+            Reading("pump.power", t, i % 3 == 0),
+        ]
     return out
 
 
@@ -195,8 +216,10 @@ def stored_values(front: EnergydataBroker) -> list[tuple[str, int, object]]:
 async def test_every_reading_arrives_exactly_as_documented(
     mosquitto: Mosquitto, env: Callable[..., Any]
 ) -> None:
-    async with EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}) as front, \
-            Subscriber(mosquitto.port) as sub:
+    async with (
+        EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}) as front,
+        Subscriber(mosquitto.port) as sub,
+    ):
         h: Harness = await env(front.port)
         rs = site_readings(60)
         await h.store.ingest(rs, durable=True)
@@ -222,9 +245,11 @@ async def test_broker_killed_mid_stream_and_restarted_loses_nothing(
     mosquitto: Mosquitto, env: Callable[..., Any]
 ) -> None:
     async with EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}) as front:
-        h: Harness = await env(front.port, datasets=[{"name": "site", "prefix": "siteA",
-                                                      "messages": "single"}, DATASETS[1]],
-                               batch_max_items=500)
+        h: Harness = await env(
+            front.port,
+            datasets=[{"name": "site", "prefix": "siteA", "messages": "single"}, DATASETS[1]],
+            batch_max_items=500,
+        )
         rs = site_readings(600)  # 3,000 readings, one message each
         await h.store.ingest(rs, durable=True)
         h.start()
@@ -246,10 +271,14 @@ async def test_broker_killed_mid_stream_and_restarted_loses_nothing(
 async def test_small_broker_queue_never_overflows_and_nothing_counts_before_puback(
     mosquitto: Mosquitto, env: Callable[..., Any]
 ) -> None:
-    async with EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]},
-                                queue_limit=16) as front:
-        h: Harness = await env(front.port, window=8, datasets=[
-            {"name": "site", "prefix": "siteA", "messages": "single"}, DATASETS[1]])
+    async with EnergydataBroker(
+        ("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}, queue_limit=16
+    ) as front:
+        h: Harness = await env(
+            front.port,
+            window=8,
+            datasets=[{"name": "site", "prefix": "siteA", "messages": "single"}, DATASETS[1]],
+        )
         rs = site_readings(60)
         await h.store.ingest(rs, durable=True)
         front.hold()  # the broker stops dequeuing: the client's window fills up and stops
@@ -264,13 +293,17 @@ async def test_small_broker_queue_never_overflows_and_nothing_counts_before_puba
         assert h.uplink.publisher.max_in_flight == 8
 
     # Control: a client that does not wait for acknowledgements overflows the same queue.
-    async with EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]},
-                                queue_limit=16) as front:
+    async with EnergydataBroker(
+        ("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}, queue_limit=16
+    ) as front:
         front.hold()
-        async with aiomqtt.Client("127.0.0.1", front.port, username=TOKEN,
-                                  max_inflight_messages=100) as c:
-            tasks = [asyncio.create_task(c.publish("siteA/x", b"{}", qos=1, timeout=30))
-                     for _ in range(40)]
+        async with aiomqtt.Client(
+            "127.0.0.1", front.port, username=TOKEN, max_inflight_messages=100
+        ) as c:
+            tasks = [
+                asyncio.create_task(c.publish("siteA/x", b"{}", qos=1, timeout=30))
+                for _ in range(40)
+            ]
             await front.wait_for(lambda: front.dropped == 24)
             assert front.queued() == 16
             for t in tasks:
@@ -284,10 +317,15 @@ async def test_a_broker_that_drops_overflow_loses_nothing(
     # A window larger than the broker's queue (misconfigured on purpose): what overflows is
     # dropped without a word, its PUBACK never comes, the connection is dropped after
     # ack_timeout_s and everything unacknowledged is published again.
-    async with EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]},
-                                queue_limit=4) as front:
-        h: Harness = await env(front.port, window=8, ack_timeout_s=0.5, datasets=[
-            {"name": "site", "prefix": "siteA", "messages": "single"}, DATASETS[1]])
+    async with EnergydataBroker(
+        ("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}, queue_limit=4
+    ) as front:
+        h: Harness = await env(
+            front.port,
+            window=8,
+            ack_timeout_s=0.5,
+            datasets=[{"name": "site", "prefix": "siteA", "messages": "single"}, DATASETS[1]],
+        )
         rs = site_readings(8)
         await h.store.ingest(rs, durable=True)
         front.hold()
@@ -304,8 +342,9 @@ async def test_a_broker_that_drops_overflow_loses_nothing(
 async def test_forbidden_topic_is_auth_failed_and_the_other_data_keeps_its_place(
     mosquitto: Mosquitto, env: Callable[..., Any]
 ) -> None:
-    async with EnergydataBroker(("127.0.0.1", mosquitto.port),
-                                tokens={TOKEN: ["siteA", "siteA/#"]}) as front:
+    async with EnergydataBroker(
+        ("127.0.0.1", mosquitto.port), tokens={TOKEN: ["siteA", "siteA/#"]}
+    ) as front:
         h: Harness = await env(front.port, auth_retry_s=3600)
         rs = site_readings(40)
         pump = [r for r in rs if r.series == "pump.power"]
@@ -351,8 +390,10 @@ async def test_unknown_token_is_refused_as_auth_and_data_is_kept(
 async def test_tls_with_a_generated_test_ca(tmp_path: Path, env: Callable[..., Any]) -> None:
     ca = await make_test_ca(tmp_path / "ca")
     other = await make_test_ca(tmp_path / "other-ca")
-    async with Mosquitto(tmp_path / "mq", tls=ca, acl=MOSQUITTO_ACL) as mq, \
-            Subscriber(mq.port) as sub:
+    async with (
+        Mosquitto(tmp_path / "mq", tls=ca, acl=MOSQUITTO_ACL) as mq,
+        Subscriber(mq.port) as sub,
+    ):
         rs = site_readings(10)
         # A CA that did not sign the broker's certificate: refused, nothing sent, all kept.
         bad: Harness = await env(mq.tls_port, tls=True, ca_file=str(other.ca_cert))
@@ -378,8 +419,8 @@ async def test_a_refused_connection_sets_the_wait_and_the_runner_takes_it_as_it_
     # on top (bench/e2e.py: with three workers, a 30 s outage left a minute of waiting).
     from gateway.sandbox.mosquitto import free_port
     from gateway.uplinks.base import Outcome
-    from gateway.uplinks.energydata import Message
-    from gateway.uplinks.energydata_mqtt import WindowedPublisher
+    from gateway.uplinks.energydata.messages import Message
+    from gateway.uplinks.energydata.mqtt import WindowedPublisher
 
     cfg = edk_cfg(free_port(), backoff_initial_s=4.0, backoff_max_s=16.0, connect_timeout_s=2)
     pub = WindowedPublisher(cfg, Secret("tok", "test"))
@@ -409,21 +450,33 @@ async def test_pattern_routes_name_each_datastream_from_its_series(
         {"series": "u7.r0", "dataset": "site", "suffix": "seven/zero", "datatype": "integer"},
         {"series": "pump.*", "dataset": "pump", "suffix": "{series}"},
     ]
-    async with EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}) as front, \
-            Subscriber(mosquitto.port) as sub:
+    async with (
+        EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}) as front,
+        Subscriber(mosquitto.port) as sub,
+    ):
         h: Harness = await env(front.port, routes=routes)
         t = now_ms() - 10_000
-        rs = [Reading(f"u{u}.r{r}", t + i * 1000, u * 1000 + r + i)
-              for i in range(3) for u in (1, 7, 12) for r in range(4)]
-        rs += [Reading("pump.power", t, 5.5), Reading("u3.r x", t, 1),
-               Reading("tank.level", t, 2.0)]
+        rs = [
+            Reading(f"u{u}.r{r}", t + i * 1000, u * 1000 + r + i)
+            for i in range(3)
+            for u in (1, 7, 12)
+            for r in range(4)
+        ]
+        rs += [
+            Reading("pump.power", t, 5.5),
+            Reading("u3.r x", t, 1),
+            Reading("tank.level", t, 2.0),
+        ]
         await h.store.ingest(rs, durable=True)
         h.start()
         await h.until(lambda: h.backlog() == 0)
         await sub.wait_count(3 + 1)
         got = received_values(sub.got)
-        want = {(f"siteA/unit{r.series[1:].split('.r')[0]}/reg{r.series.split('.r')[1]}",
-                 r.ts, r.value) for r in rs[:36] if r.series != "u7.r0"}
+        want = {
+            (f"siteA/unit{r.series[1:].split('.r')[0]}/reg{r.series.split('.r')[1]}", r.ts, r.value)
+            for r in rs[:36]
+            if r.series != "u7.r0"
+        }
         want |= {("siteA/seven/zero", r.ts, r.value) for r in rs[:36] if r.series == "u7.r0"}
         want.add(("siteB/pump.power", t, 5.5))
         assert len(got) == len(want) and set(got) == want
@@ -431,7 +484,11 @@ async def test_pattern_routes_name_each_datastream_from_its_series(
         assert sorted(len(p["value"]) for tp, p in sub.got if tp == "siteA") == [12, 12, 12]
         dead = await h.store.dead_letters("edk")
         assert [(d["series"], d["reason"]) for d in dead] == [
-            ("u3.r x", "series 'u3.r x' makes topic suffix 'unit3/reg x' from 'unit{1}/reg{2}': "
-                       "not alphanumeric parts separated by /")]
+            (
+                "u3.r x",
+                "series 'u3.r x' makes topic suffix 'unit3/reg x' from 'unit{1}/reg{2}': "
+                "not alphanumeric parts separated by /",
+            )
+        ]
         # tank.level matches no route: the store never hands it to this uplink.
         assert all("tank" not in tp for tp, _ in sub.got)

@@ -39,7 +39,9 @@ STREAMS = [Datastream(7000 + i, f"siteA/m/{i}") for i in range(N_SERIES)]
 STREAM_OF = {f"s{i}": 7000 + i for i in range(N_SERIES)}
 TOPIC_OF = {ds.id: ds.topic for ds in STREAMS}
 
-CONFIG = DAEMON_HEAD + """
+CONFIG = (
+    DAEMON_HEAD
+    + """
 [[uplinks]]
 name = "edk"
 type = "energydata"
@@ -63,6 +65,7 @@ connect_timeout_s = 5
   prefix = "siteA"
 {routes}
 """
+)
 
 ROUTE = """  [[uplinks.routes]]
   series = "s{i}"
@@ -80,14 +83,20 @@ def write_config(tmp: Path, mqtt_port: int, import_url: str) -> Path:
     token.chmod(0o600)
     routes = "".join(ROUTE.format(i=i, ds=7000 + i) for i in range(N_SERIES))
     path = tmp / "fieldgate.toml"
-    path.write_text(CONFIG.format(db=f"{tmp}/fg.db", tmp=tmp, mqtt_port=mqtt_port,
-                                  import_url=import_url, routes=routes))
+    path.write_text(
+        CONFIG.format(
+            db=f"{tmp}/fg.db", tmp=tmp, mqtt_port=mqtt_port, import_url=import_url, routes=routes
+        )
+    )
     return path
 
 
 def readings(n_instants: int, t0: int, base: float) -> list[Reading]:
-    return [Reading(f"s{i}", t0 + k * 1000, round(base + k * 0.01 + i, 3))
-            for k in range(n_instants) for i in range(N_SERIES)]
+    return [
+        Reading(f"s{i}", t0 + k * 1000, round(base + k * 0.01 + i, 3))
+        for k in range(n_instants)
+        for i in range(N_SERIES)
+    ]
 
 
 def as_values(rs: list[Reading]) -> set[Value]:
@@ -109,8 +118,12 @@ def broker_values(front: EnergydataBroker) -> list[Value]:
 
 def imported_rows(emu: EnergydataImportEmulator) -> Counter[Value]:
     """Every value of every import that was ingested, counted (a re-imported row counts twice)."""
-    return Counter((TOPIC_OF[ds], ms, value) for job in emu.imports.values()
-                   if job.status == "done" for ds, ms, value in job.rows)
+    return Counter(
+        (TOPIC_OF[ds], ms, value)
+        for job in emu.imports.values()
+        if job.status == "done"
+        for ds, ms, value in job.rows
+    )
 
 
 def stored_outcome(db: Path) -> tuple[int, IntervalSet]:
@@ -118,7 +131,8 @@ def stored_outcome(db: Path) -> tuple[int, IntervalSet]:
     raw = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         delivered, done = raw.execute(
-            "SELECT delivered, done FROM uplinks WHERE name = 'edk'").fetchone()
+            "SELECT delivered, done FROM uplinks WHERE name = 'edk'"
+        ).fetchone()
     finally:
         raw.close()
     return int(delivered), IntervalSet.from_json(done)
@@ -128,9 +142,11 @@ async def test_mqtt_part_is_recorded_at_once_and_a_kill_resends_only_the_import(
     tmp_path: Path, daemons: list[Daemon], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FG_TEST_EDK_TOKEN", MQTT_TOKEN)
-    async with Mosquitto(tmp_path / "mq", acl={MQTT_TOKEN: ["readwrite #"]}) as mq, \
-            EnergydataBroker(("127.0.0.1", mq.port), tokens={MQTT_TOKEN: ["#"]}) as front, \
-            EnergydataImportEmulator(IMPORT_TOKEN, datastreams=STREAMS) as emu:
+    async with (
+        Mosquitto(tmp_path / "mq", acl={MQTT_TOKEN: ["readwrite #"]}) as mq,
+        EnergydataBroker(("127.0.0.1", mq.port), tokens={MQTT_TOKEN: ["#"]}) as front,
+        EnergydataImportEmulator(IMPORT_TOKEN, datastreams=STREAMS) as emu,
+    ):
         config = write_config(tmp_path, front.port, emu.url)
         db = tmp_path / "fg.db"
         now = int(time.time() * 1000)
@@ -151,16 +167,21 @@ async def test_mqtt_part_is_recorded_at_once_and_a_kill_resends_only_the_import(
         daemons.append(d1)
         await d1.start()
         await d1.wait_event("gateway_ready")
-        await emu.wait_for(lambda: any(j.status == "validating" for j in emu.imports.values()),
-                           timeout=20)
+        await emu.wait_for(
+            lambda: any(j.status == "validating" for j in emu.imports.values()), timeout=20
+        )
         await front.wait_for(lambda: as_values(recent) <= set(broker_values(front)), timeout=20)
 
         # PUBACKed while the import is still held: recorded as delivered, in memory and on disk.
         async with httpx.AsyncClient(base_url=await d1.health_url()) as client:
-            st = (await d1.status_until(
-                client, lambda s: s["uplinks"]["edk"]["delivered"] >= len(recent), timeout=10,
-                what="readings PUBACKed over MQTT not recorded as delivered while the import runs",
-            ))["uplinks"]["edk"]
+            st = (
+                await d1.status_until(
+                    client,
+                    lambda s: s["uplinks"]["edk"]["delivered"] >= len(recent),
+                    timeout=10,
+                    what="MQTT readings PUBACKed but not recorded delivered while the import runs",
+                )
+            )["uplinks"]["edk"]
         assert (st["delivered"], st["backlog"]) == (len(recent), len(old))
         delivered, done = stored_outcome(db)
         assert delivered == len(recent)
@@ -179,13 +200,17 @@ async def test_mqtt_part_is_recorded_at_once_and_a_kill_resends_only_the_import(
         await d2.start()
         await d2.wait_event("gateway_ready")
         async with httpx.AsyncClient(base_url=await d2.health_url()) as client:
-            await d2.status_until(client, lambda s: s["uplinks"]["edk"]["backlog"] == 0,
-                                  timeout=30, what="backlog not drained after the restart")
+            await d2.status_until(
+                client,
+                lambda s: s["uplinks"]["edk"]["backlog"] == 0,
+                timeout=30,
+                what="backlog not drained after the restart",
+            )
         await emu.wait_for(lambda: emu.ingested >= len(old), timeout=10)
         assert await d2.terminate() == 0
 
     mqtt = broker_values(front)
-    after_kill = mqtt[len(before_kill):]
+    after_kill = mqtt[len(before_kill) :]
     imported = imported_rows(emu)
     # Nothing PUBACKed before the kill was published again after the restart.
     assert [v for v in after_kill if v in set(before_kill)] == []

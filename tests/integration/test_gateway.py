@@ -77,8 +77,9 @@ class Running:
 async def start(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     running: list[Running] = []
 
-    async def go(url: str, stuck: float = 3600, tweak: Callable[[Gateway], None] | None = None
-                 ) -> Running:
+    async def go(
+        url: str, stuck: float = 3600, tweak: Callable[[Gateway], None] | None = None
+    ) -> Running:
         loaded = load_config_text(CONFIG.format(tmp=tmp_path, url=url, stuck=stuck, token=TOKEN))
         gw = Gateway(loaded)
         if tweak is not None:
@@ -102,8 +103,14 @@ async def test_status_health_and_metrics_while_delivering(start: Callable[..., o
         st = await r.until(lambda s: s["uplinks"]["qatium"]["delivered"] >= 5)
         assert st["sources"]["tank"]["readings"] >= 5 and st["sources"]["tank"]["state"] == "ok"
         u = st["uplinks"]["qatium"]
-        assert {"state", "delivered", "backlog", "oldest_pending_s", "dead_letters",
-                "last_error"} <= set(u)
+        assert {
+            "state",
+            "delivered",
+            "backlog",
+            "oldest_pending_s",
+            "dead_letters",
+            "last_error",
+        } <= set(u)
         assert {"path", "bytes", "free_disk_bytes"} <= set(st["store"])
         assert "synchronized" in st["clock"]
         health = await r.client.get("/health")
@@ -119,8 +126,12 @@ async def test_status_health_and_metrics_while_delivering(start: Callable[..., o
 
 async def test_stuck_uplink_makes_health_503_with_the_reason(start: Callable[..., object]) -> None:
     r: Running = await start(f"http://127.0.0.1:{free_port()}", stuck=0.2)  # type: ignore[misc]
-    await r.until(lambda s: s["uplinks"]["qatium"]["state"] == "backing_off"
-                  and s["uplinks"]["qatium"]["backlog"] > 0)
+    await r.until(
+        lambda s: (
+            s["uplinks"]["qatium"]["state"] == "backing_off"
+            and s["uplinks"]["qatium"]["backlog"] > 0
+        )
+    )
     async with asyncio.timeout(20):
         while (health := await r.client.get("/health")).status_code != 503:
             await r.gw.store.wait_for_data(0.05)  # type: ignore[union-attr]
@@ -164,8 +175,13 @@ async def test_a_failing_task_is_restarted_and_reported(start: Callable[..., obj
 
     async with QatiumEmulator(token=TOKEN) as emu:
         r: Running = await start(emu.url, tweak=add)  # type: ignore[misc]
-        st = await r.until(lambda s: s["sources"].get("flaky", {}).get("restarts", 0) >= 2
-                           and s["sources"]["flaky"]["state"] == "ok", timeout=30)
+        st = await r.until(
+            lambda s: (
+                s["sources"].get("flaky", {}).get("restarts", 0) >= 2
+                and s["sources"]["flaky"]["state"] == "ok"
+            ),
+            timeout=30,
+        )
         assert st["sources"]["flaky"]["task_error"] == "RuntimeError: boom 2"
         assert st["sources"]["tank"]["state"] == "ok"  # the others never noticed
         assert await r.stop() == 0

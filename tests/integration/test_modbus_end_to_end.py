@@ -48,16 +48,26 @@ token = {{ value = "{token}", plain_text = true }}
 
 async def test_profile_device_is_probed_polled_and_delivered(tmp_path: Path) -> None:
     specs = profile_specs(REPO / "hardware/profiles/keller-series30.toml", prefix="well3", unit=2)
-    async with ModbusSimulator({2: specs}, transport="tcp") as sim, \
-            QatiumEmulator(token=TOKEN) as qatium:
+    async with (
+        ModbusSimulator({2: specs}, transport="tcp") as sim,
+        QatiumEmulator(token=TOKEN) as qatium,
+    ):
         sim.units[2].set_value("well3.level_m", 3.25)
         cfg = tmp_path / "fg.toml"
-        cfg.write_text(CONFIG.format(tmp=tmp_path, port=sim.port, repo=REPO, url=qatium.url,
-                                     token=TOKEN))
+        cfg.write_text(
+            CONFIG.format(tmp=tmp_path, port=sim.port, repo=REPO, url=qatium.url, token=TOKEN)
+        )
 
         probe = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "check-config", "--probe", str(cfg),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "gateway",
+            "check-config",
+            "--probe",
+            str(cfg),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await probe.communicate()
         assert probe.returncode == 0, err.decode()
         text = out.decode()

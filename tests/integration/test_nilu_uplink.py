@@ -16,7 +16,8 @@ from gateway.config import Secret
 from gateway.models import Position, Reading
 from gateway.sandbox.nilu import Converter, NiluEmulator, SensorSchema
 from gateway.uplinks.dispatch import UplinkState
-from gateway.uplinks.nilu import NiluConfig, NiluUplink, pushtest
+from gateway.uplinks.nilu.config import NiluConfig
+from gateway.uplinks.nilu.uplink import NiluUplink
 
 from .uplink_harness import Harness, Harnesses
 
@@ -26,22 +27,41 @@ ZONE = "Asia/Kolkata"
 FMT = "yyyy/MM/dd HH:mm:ss"
 
 
+async def pushtest(cfg: NiluConfig, token: Secret) -> list[str]:
+    up = NiluUplink(cfg, token)
+    try:
+        return await up.check_uplink()
+    finally:
+        await up.aclose()
+
+
 def schemas() -> list[SensorSchema]:
     return [
-        SensorSchema(393, {"no2": "double", "pm10": "double", "date": "long"}, timestamp="date",
-                     converters={"date": Converter("StringEpochTime", FMT, ZONE)}),
-        SensorSchema(394, {"temperature": "double", "time": "long"}, timestamp="time",
-                     location=None),
+        SensorSchema(
+            393,
+            {"no2": "double", "pm10": "double", "date": "long"},
+            timestamp="date",
+            converters={"date": Converter("StringEpochTime", FMT, ZONE)},
+        ),
+        SensorSchema(
+            394, {"temperature": "double", "time": "long"}, timestamp="time", location=None
+        ),
         SensorSchema(395, {"no2": "double", "so2": "double"}, timestamp="time"),
-        SensorSchema(396, {"no2": "double"}, timestamp="time",
-                     converters={"no2": Converter("StringDouble")}),
+        SensorSchema(
+            396, {"no2": "double"}, timestamp="time", converters={"no2": Converter("StringDouble")}
+        ),
         SensorSchema(398, {"no2": "double"}, timestamp="time"),
     ]
 
 
 SENSORS: dict[int, dict[str, object]] = {
-    393: {"id": 393, "resolution_s": 60, "timestamp_field": "date", "timestamp_format": FMT,
-          "timestamp_timezone": ZONE},
+    393: {
+        "id": 393,
+        "resolution_s": 60,
+        "timestamp_field": "date",
+        "timestamp_format": FMT,
+        "timestamp_timezone": ZONE,
+    },
     394: {"id": 394, "resolution_s": 60, "gps": True, "timestamp_field": "time"},
     395: {"id": 395, "resolution_s": 60, "timestamp_field": "time"},
     396: {"id": 396, "resolution_s": 60, "timestamp_field": "time"},
@@ -57,17 +77,26 @@ ROUTES: dict[str, dict[str, object]] = {
 }
 
 
-def ncfg(url: str, series: Sequence[str] = ("aq.no2", "aq.pm10", "van.temp"),
-         **kw: object) -> NiluConfig:
+def ncfg(
+    url: str, series: Sequence[str] = ("aq.no2", "aq.pm10", "van.temp"), **kw: object
+) -> NiluConfig:
     routes = [ROUTES[s] for s in series]
     used = sorted({int(str(r["sensor"])) for r in routes})
     data: dict[str, object] = {
-        "name": "nilu", "type": "nilu", "url": url, "token": {"env": "UNUSED"},
-        "sensors": [SENSORS[i] for i in used], "routes": routes, "rate_limit_requests": 0,
-        "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 5,
+        "name": "nilu",
+        "type": "nilu",
+        "url": url,
+        "token": {"env": "UNUSED"},
+        "sensors": [SENSORS[i] for i in used],
+        "routes": routes,
+        "rate_limit_requests": 0,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.2,
+        "timeout_s": 5,
         # Readings are stored all at once here: the newest window of each series closes 0.2 s
         # after the store took it, not one resolution later (test_window_replay.py: the default).
-        "window_grace_s": 0.2, **kw,
+        "window_grace_s": 0.2,
+        **kw,
     }
     return NiluConfig.model_validate(data)
 
@@ -79,9 +108,12 @@ Make = Callable[..., Any]
 async def env(tmp_path: Path) -> AsyncIterator[Make]:
     hs = Harnesses(tmp_path)
 
-    async def make(series: Sequence[str] = ("aq.no2", "aq.pm10", "van.temp"),
-                   token: str = TOKEN, emu_kw: dict[str, Any] | None = None,
-                   **cfg_kw: object) -> Harness:
+    async def make(
+        series: Sequence[str] = ("aq.no2", "aq.pm10", "van.temp"),
+        token: str = TOKEN,
+        emu_kw: dict[str, Any] | None = None,
+        **cfg_kw: object,
+    ) -> Harness:
         emu = await hs.serve(NiluEmulator(schemas(), TOKEN, **(emu_kw or {})))
         cfg = ncfg(emu.url, series, **cfg_kw)
         return await hs.build(cfg, NiluUplink(cfg, Secret(token, "test")), emu)
@@ -100,8 +132,10 @@ def minutes(n: int) -> list[int]:
     return [(last - 60 * (n - 1 - i)) * 1000 for i in range(n)]
 
 
-POS = [Position(lat=round(59.9127 + i / 1000, 4), lon=round(10.7461 - i / 1000, 4), alt=12.5)
-       for i in range(100)]
+POS = [
+    Position(lat=round(59.9127 + i / 1000, 4), lon=round(10.7461 - i / 1000, 4), alt=12.5)
+    for i in range(100)
+]
 
 
 def readings(ts: Sequence[int], *, gps: bool = True) -> list[Reading]:
@@ -132,8 +166,9 @@ def expected(rs: Sequence[Reading]) -> set[tuple[object, ...]]:
 
 
 def received(emu: NiluEmulator) -> set[tuple[object, ...]]:
-    return {(p.sensor, p.position, tuple(sorted(p.values.items())), p.timestamp)
-            for p in emu.packets}
+    return {
+        (p.sensor, p.position, tuple(sorted(p.values.items())), p.timestamp) for p in emu.packets
+    }
 
 
 async def test_packets_arrive_exactly_as_documented(env: Make) -> None:
@@ -157,9 +192,7 @@ async def test_packets_arrive_exactly_as_documented(env: Make) -> None:
 
 
 async def test_service_down_then_up_loses_nothing(env: Make) -> None:
-    # Leases of 12 readings: the backlog drains over several. 12 is a whole number of minutes
-    # (3 readings each): the dispatcher does not keep a packet's readings together when a
-    # lease ends inside a packet.
+    # Leases of 12 readings: the backlog drains over several (3 readings a minute).
     h: Harness = await env(batch_max_items=12)
     await h.emu.aclose()
     rs = readings(minutes(15))
@@ -172,6 +205,20 @@ async def test_service_down_then_up_loses_nothing(env: Make) -> None:
     await h.until(lambda: len(h.emu.packets) >= 30)
     assert received(h.emu) == expected(rs)
     await h.until(lambda: h.runner.state is UplinkState.OK and h.stats()["backlog"] == 0)
+
+
+async def test_a_lease_ending_inside_a_packet_holds_that_packet_back_whole(env: Make) -> None:
+    # Leases of 4 readings, 3 a minute (sensor 393's packet takes two, 394's one): most leases
+    # end between a 393 packet's no2 and its pm10. NILU takes one packet per sensor and
+    # instant (SendsWholeGroups): sending the part would make two packets for one timestamp.
+    h: Harness = await env(batch_max_items=4)
+    rs = readings(minutes(12))
+    await h.store.ingest(rs, durable=True)
+    h.start()
+    await h.until(lambda: h.stats()["backlog"] == 0)
+    assert len(h.emu.packets) == 2 * 12 and h.emu.duplicates == 0
+    assert received(h.emu) == expected(rs)
+    assert h.stats()["dead_letters"] == 0
 
 
 async def test_429_retry_after_is_honoured(env: Make) -> None:
@@ -192,8 +239,11 @@ async def test_429_retry_after_is_honoured(env: Make) -> None:
 @pytest.mark.parametrize("code", [300, 305])
 async def test_backend_errors_are_transient(env: Make, code: int) -> None:
     h: Harness = await env()
-    h.emu.faults.fail_next(2, status=500, body={"error-code": code, "error-message": "backend",
-                                                "http-status-code": 500})
+    h.emu.faults.fail_next(
+        2,
+        status=500,
+        body={"error-code": code, "error-message": "backend", "http-status-code": 500},
+    )
     rs = readings(minutes(4))
     await h.store.ingest(rs, durable=True)
     h.start()
@@ -213,8 +263,7 @@ async def test_schema_mismatch_110_is_dead_lettered_with_the_reason(env: Make) -
     await h.until(lambda: h.stats()["dead_letters"] == len(bad) and h.stats()["backlog"] == 0)
     letters = await h.store.dead_letters("nilu")
     assert sorted(d["ts"] for d in letters) == ts
-    assert all("error-code 110" in d["reason"] and "missing so2" in d["reason"]
-               for d in letters)
+    assert all("error-code 110" in d["reason"] and "missing so2" in d["reason"] for d in letters)
     assert received(h.emu) == expected(good)
 
 
@@ -222,15 +271,17 @@ async def test_conversion_error_131_dead_letters_only_that_packet(env: Make) -> 
     h: Harness = await env(series=("s396.no2",))
     ts = minutes(4)
     values = ["12.5", "ERR", "13", "14.25"]
-    await h.store.ingest([Reading("s396.no2", t, v) for t, v in zip(ts, values, strict=True)],
-                         durable=True)
+    await h.store.ingest(
+        [Reading("s396.no2", t, v) for t, v in zip(ts, values, strict=True)], durable=True
+    )
     h.start()
     await h.until(lambda: h.stats()["dead_letters"] == 1 and h.stats()["backlog"] == 0)
     [letter] = await h.store.dead_letters("nilu")
     assert letter["ts"] == ts[1] and letter["value"] == "ERR"
     assert "error-code 131" in letter["reason"] and "no2" in letter["reason"]
     assert sorted((p.timestamp, p.values["no2"]) for p in h.emu.packets) == [
-        (t // 1000, v) for t, v in zip(ts, values, strict=True) if v != "ERR"]
+        (t // 1000, v) for t, v in zip(ts, values, strict=True) if v != "ERR"
+    ]
 
 
 async def test_disabled_sensor_keeps_its_data_and_does_not_spin(env: Make) -> None:
@@ -265,11 +316,8 @@ async def test_300_endpoint_is_followed_and_remembered(env: Make) -> None:
     assert h.emu.count(path="/api/sensors/398/", status=200) == 3
 
 
-async def test_gps_sensor_configured_for_a_fixed_one_follows_the_documented_300(
-    env: Make
-) -> None:
-    h: Harness = await env(series=("aq.no2", "aq.pm10"),
-                           sensors=[{**SENSORS[393], "gps": True}])
+async def test_gps_sensor_configured_for_a_fixed_one_follows_the_documented_300(env: Make) -> None:
+    h: Harness = await env(series=("aq.no2", "aq.pm10"), sensors=[{**SENSORS[393], "gps": True}])
     ts = minutes(2)
     rs = [Reading(r.series, r.ts, r.value, position=POS[0]) for r in readings(ts, gps=False)]
     await h.store.ingest(rs, durable=True)
@@ -283,8 +331,10 @@ async def test_gps_sensor_configured_for_a_fixed_one_follows_the_documented_300(
 async def test_gps_sensor_with_and_without_a_fix(env: Make) -> None:
     h: Harness = await env(series=("van.temp",))
     ts = minutes(4)
-    fixed = [Reading("van.temp", ts[0], 1.0, position=POS[3]),
-             Reading("van.temp", ts[3], 4.0, position=POS[4])]
+    fixed = [
+        Reading("van.temp", ts[0], 1.0, position=POS[3]),
+        Reading("van.temp", ts[3], 4.0, position=POS[4]),
+    ]
     no_fix = Reading("van.temp", ts[1], 2.0)
     flat = Reading("van.temp", ts[2], 3.0, position=Position(lat=60.0, lon=5.0))
     await h.store.ingest([*fixed, no_fix, flat], durable=True)
@@ -299,8 +349,9 @@ async def test_gps_sensor_with_and_without_a_fix(env: Make) -> None:
 
 async def test_wrong_or_foreign_token_is_auth_failed_and_keeps_data(env: Make) -> None:
     h: Harness = await env(token="not-the-token", auth_retry_s=3600)
-    g: Harness = await env(token="other-provider", auth_retry_s=3600,
-                           emu_kw={"foreign_tokens": ["other-provider"]})
+    g: Harness = await env(
+        token="other-provider", auth_retry_s=3600, emu_kw={"foreign_tokens": ["other-provider"]}
+    )
     for x in (h, g):
         await x.store.ingest(readings(minutes(2)), durable=True)
         x.start()
@@ -321,9 +372,11 @@ async def test_pushtest_stores_nothing_and_reports(env: Make) -> None:
     assert h.emu.packets == []
     assert all(TOKEN not in line for line in lines)
 
-    wrong = ncfg(h.emu.url, series=("aq.no2", "aq.pm10", "s395.no2"),
-                 sensors=[{**SENSORS[393], "timestamp_format": "yyyy-MM-dd HH:mm:ss"},
-                          SENSORS[395]])
+    wrong = ncfg(
+        h.emu.url,
+        series=("aq.no2", "aq.pm10", "s395.no2"),
+        sensors=[{**SENSORS[393], "timestamp_format": "yyyy-MM-dd HH:mm:ss"}, SENSORS[395]],
+    )
     bad = await pushtest(wrong, Secret("nope", "test"))
     text = "\n".join(bad)
     assert "FAIL sensor 393: NILU reads 'date' as 'yyyy/MM/dd HH:mm:ss'" in text
@@ -346,17 +399,24 @@ async def test_emulator_enforces_the_document(env: Make) -> None:
         assert fixed_on_gps.headers["endpoint"] == f"{h.emu.url}/api/sensors/393/inbound"
         gps_on_fixed = await c.post("/api/sensors/394/inbound", json={"temperature": 1, "time": t})
         assert gps_on_fixed.status_code == 400
-        ok = await c.post("/api/sensors/394/5.1/60.2/3/inbound",
-                          json={"temperature": 1.5, "time": t, "freemembytes": "1024"})
+        ok = await c.post(
+            "/api/sensors/394/5.1/60.2/3/inbound",
+            json={"temperature": 1.5, "time": t, "freemembytes": "1024"},
+        )
         assert ok.status_code == 200 and ok.json()["message"] == "OK"
-        again = await c.post("/api/sensors/394/5.1/60.2/3/inbound",
-                             json={"temperature": 1.5, "time": t, "freemembytes": "1024"})
-        close = await c.post("/api/sensors/394/5.1/60.2/3/inbound",
-                             json={"temperature": 2.5, "time": t + 30})
+        again = await c.post(
+            "/api/sensors/394/5.1/60.2/3/inbound",
+            json={"temperature": 1.5, "time": t, "freemembytes": "1024"},
+        )
+        close = await c.post(
+            "/api/sensors/394/5.1/60.2/3/inbound", json={"temperature": 2.5, "time": t + 30}
+        )
         assert again.status_code == 200 and h.emu.duplicates == 1
         assert close.status_code == 500 and close.json()["error-code"] == 110
-        wrong_type = await c.post("/api/sensors/394/5/60/3/inbound/?pushtest=true",
-                                  json={"temperature": "warm", "time": t + 60})
+        wrong_type = await c.post(
+            "/api/sensors/394/5/60/3/inbound/?pushtest=true",
+            json={"temperature": "warm", "time": t + 60},
+        )
         assert wrong_type.json()["error-code"] == 110
         schema = (await c.get("/api/sensors/394")).json()
         assert schema["location"] == {} and schema["mapping"][0]["target-path"] == "/time"

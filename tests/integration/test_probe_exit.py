@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.sandbox.modbus_sim import ModbusSimulator
-from gateway.sources.modbus_decode import FieldSpec
+from gateway.sources.modbus.decode import FieldSpec
 
 HEAD = """
 [store]
@@ -79,8 +79,14 @@ async def probe(tmp: Path, sim: ModbusSimulator, *devices: str) -> Result:
     cfg = tmp / "fg.toml"
     cfg.write_text(HEAD.format(tmp=tmp, port=sim.port) + "".join(devices))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "check-config", "--probe", str(cfg),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "gateway",
+        "check-config",
+        "--probe",
+        str(cfg),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(60):
         out, err = await proc.communicate()

@@ -12,7 +12,8 @@ from gateway.config import Secret
 from gateway.models import Reading
 from gateway.sandbox.qatium import QatiumEmulator
 from gateway.uplinks.dispatch import UplinkState
-from gateway.uplinks.qatium import QatiumConfig, QatiumUplink, iso_time
+from gateway.uplinks.qatium.config import QatiumConfig
+from gateway.uplinks.qatium.uplink import QatiumUplink, iso_time
 
 from .uplink_harness import Harness, Harnesses
 
@@ -27,12 +28,19 @@ NETWORK = {"Tank1": "tank", "Pipe1": "pipe", "Pump2": "pump"}
 
 def qcfg(url: str, **kw: object) -> QatiumConfig:
     data: dict[str, object] = {
-        "name": "qatium", "type": "qatium", "url": f"{url}/ingest",
-        "token": {"env": "UNUSED"}, "routes": ROUTES, "backoff_initial_s": 0.05,
-        "backoff_max_s": 0.2, "timeout_s": 5, "job_poll_s": 0.05,
+        "name": "qatium",
+        "type": "qatium",
+        "url": f"{url}/ingest",
+        "token": {"env": "UNUSED"},
+        "routes": ROUTES,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.2,
+        "timeout_s": 5,
+        "job_poll_s": 0.05,
         # The service's quota (20/min) stays; these tests are about the wire, so requests may
         # go back to back (bisection) instead of ~3 s apart (pacing: bench/pacing.py).
-        "pacing": "burst", **kw,
+        "pacing": "burst",
+        **kw,
     }
     return QatiumConfig.model_validate(data)
 
@@ -41,8 +49,9 @@ def qcfg(url: str, **kw: object) -> QatiumConfig:
 async def env(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     hs = Harnesses(tmp_path)
 
-    async def make(token: str = TOKEN, emu_kw: dict[str, object] | None = None,
-                   **cfg_kw: object) -> Harness:
+    async def make(
+        token: str = TOKEN, emu_kw: dict[str, object] | None = None, **cfg_kw: object
+    ) -> Harness:
         emu = await hs.serve(QatiumEmulator(token=TOKEN, assets=NETWORK, **(emu_kw or {})))  # type: ignore[arg-type]
         cfg = qcfg(emu.url, **cfg_kw)
         return await hs.build(cfg, QatiumUplink(cfg, Secret(token, "test")), emu)
@@ -63,9 +72,16 @@ def readings(n: int, start: int | None = None) -> list[Reading]:
 
 def expected_rows(rs: list[Reading]) -> list[dict[str, object]]:
     by = {r["series"]: r for r in ROUTES}
-    return [{"time": iso_time(r.ts), "asset": by[r.series]["asset"],
-             "value": int(r.value) if isinstance(r.value, bool) else r.value,
-             "metric": by[r.series]["metric"], "unit": by[r.series].get("unit", "")} for r in rs]
+    return [
+        {
+            "time": iso_time(r.ts),
+            "asset": by[r.series]["asset"],
+            "value": int(r.value) if isinstance(r.value, bool) else r.value,
+            "metric": by[r.series]["metric"],
+            "unit": by[r.series].get("unit", ""),
+        }
+        for r in rs
+    ]
 
 
 def key(row: dict[str, object]) -> tuple[object, ...]:
@@ -149,11 +165,20 @@ async def test_413_splits_the_batch_and_delivers_all(env: Callable[..., object])
 
 
 async def test_quarantined_rows_are_dead_lettered_with_the_service_text(
-    env: Callable[..., object]
+    env: Callable[..., object],
 ) -> None:
     # Tank9 passes every local check (valid metric and unit) but is not in the network model.
-    h: Harness = await env(routes=[*ROUTES, {"series": "tank9.level", "asset": "Tank9",  # type: ignore[misc]
-                                             "metric": "level", "unit": "m"}])
+    h: Harness = await env(
+        routes=[
+            *ROUTES,
+            {
+                "series": "tank9.level",
+                "asset": "Tank9",  # type: ignore[misc]
+                "metric": "level",
+                "unit": "m",
+            },
+        ]
+    )
     good = readings(10)
     t = int(time.time() * 1000)
     bad = [Reading("tank9.level", t + i, 1.0 + i) for i in range(3)]
@@ -170,8 +195,17 @@ async def test_quarantined_rows_are_dead_lettered_with_the_service_text(
 async def test_unidentifiable_quarantine_is_bisected(env: Callable[..., object]) -> None:
     # A 'level' reading for a pipe: the service's error names the metric, which every level row
     # shares, so the client cannot tell which row it was from the text and must bisect.
-    h: Harness = await env(routes=[*ROUTES, {"series": "pipe1.level", "asset": "Pipe1",  # type: ignore[misc]
-                                             "metric": "level", "unit": "m"}])
+    h: Harness = await env(
+        routes=[
+            *ROUTES,
+            {
+                "series": "pipe1.level",
+                "asset": "Pipe1",  # type: ignore[misc]
+                "metric": "level",
+                "unit": "m",
+            },
+        ]
+    )
     good = readings(8)
     bad = Reading("pipe1.level", good[-1].ts + 5, 3.0)
     await h.store.ingest([*good, bad], durable=True)
@@ -184,21 +218,32 @@ async def test_unidentifiable_quarantine_is_bisected(env: Callable[..., object])
 
 
 async def test_pending_jobs_are_polled(env: Callable[..., object]) -> None:
-    h: Harness = await env(emu_kw={"async_jobs": True}, routes=[  # type: ignore[misc]
-        *ROUTES, {"series": "tank9.level", "asset": "Tank9", "metric": "level", "unit": "m"}])
+    h: Harness = await env(
+        emu_kw={"async_jobs": True},
+        routes=[  # type: ignore[misc]
+            *ROUTES,
+            {"series": "tank9.level", "asset": "Tank9", "metric": "level", "unit": "m"},
+        ],
+    )
     await h.store.ingest([Reading("tank9.level", int(time.time() * 1000), 1.0)], durable=True)
     h.start()
     await h.until(lambda: h.store.uplink_stats("qatium")["dead_letters"] == 1)
-    assert any(r.path.startswith("/jobs/") and not r.path.endswith("/details")
-               for r in h.emu.requests)
+    assert any(
+        r.path.startswith("/jobs/") and not r.path.endswith("/details") for r in h.emu.requests
+    )
 
 
 async def test_local_checks_never_send_nan_or_text(env: Callable[..., object]) -> None:
     h: Harness = await env()  # type: ignore[misc]
     t = int(time.time() * 1000)
-    await h.store.ingest([Reading("tank1.level", t, float("nan")),
-                          Reading("pipe1.flow", t, "high"),
-                          Reading("pump2.status", t, 3)], durable=True)
+    await h.store.ingest(
+        [
+            Reading("tank1.level", t, float("nan")),
+            Reading("pipe1.flow", t, "high"),
+            Reading("pump2.status", t, 3),
+        ],
+        durable=True,
+    )
     h.start()
     await h.until(lambda: h.store.uplink_stats("qatium")["dead_letters"] == 3)
     assert h.emu.total_requests == 0
@@ -208,10 +253,14 @@ async def test_local_checks_never_send_nan_or_text(env: Callable[..., object]) -
 
 
 async def test_backlog_drains_within_the_rate_limit_without_a_single_429(
-    env: Callable[..., object]
+    env: Callable[..., object],
 ) -> None:
-    h: Harness = await env(emu_kw={"rate_limit": 5, "rate_period_s": 2.0},  # type: ignore[misc]
-                           rate_limit_requests=5, rate_limit_period_s=2.0, batch_max_items=40)
+    h: Harness = await env(
+        emu_kw={"rate_limit": 5, "rate_period_s": 2.0},  # type: ignore[misc]
+        rate_limit_requests=5,
+        rate_limit_period_s=2.0,
+        batch_max_items=40,
+    )
     rs = readings(200)
     await h.store.ingest(rs, durable=True)
     h.start()

@@ -40,7 +40,8 @@ from gateway.config import Secret
 from gateway.models import Reading
 from gateway.sandbox.datacooee import UPLOAD_PATH, DatacooeeEmulator
 from gateway.sandbox.emulator import Reject
-from gateway.uplinks.datacooee import DatacooeeConfig, DatacooeeUplink
+from gateway.uplinks.datacooee.config import DatacooeeConfig
+from gateway.uplinks.datacooee.uplink import DatacooeeUplink
 from gateway.uplinks.dispatch import UplinkState
 
 from .uplink_harness import Harness, Harnesses
@@ -122,8 +123,9 @@ class WriteLock:
     let go in a thread so the event loop (and the store's own transactions) keep running."""
 
     def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, timeout=10, isolation_level=None,
-                                     check_same_thread=False)
+        self._conn = sqlite3.connect(
+            path, timeout=10, isolation_level=None, check_same_thread=False
+        )
 
     async def take(self) -> None:
         await asyncio.to_thread(self._conn.execute, "BEGIN IMMEDIATE")
@@ -145,15 +147,27 @@ async def hs(tmp_path: Path) -> AsyncIterator[Harnesses]:
 
 
 async def test_retry_after_holds_a_worker_whose_send_was_being_recorded(hs: Harnesses) -> None:
-    emu = await hs.serve(TimedDatacooee(ORG, KEY, inputs={"senlevel01": "number"},
-                                        rate_limit=1, rate_period_s=SERVICE_PERIOD_S))
-    cfg = DatacooeeConfig.model_validate({
-        "name": "datacooee", "type": "datacooee", "url": emu.url, "organization_id": ORG,
-        "api_key": {"env": "UNUSED"}, "routes": [{"series": "well3.level",
-                                                  "input_pk": "senlevel01"}],
-        "concurrency": 2, "rate_limit_requests": 1, "rate_limit_period_s": 1.0,
-        "backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 10,
-    })
+    emu = await hs.serve(
+        TimedDatacooee(
+            ORG, KEY, inputs={"senlevel01": "number"}, rate_limit=1, rate_period_s=SERVICE_PERIOD_S
+        )
+    )
+    cfg = DatacooeeConfig.model_validate(
+        {
+            "name": "datacooee",
+            "type": "datacooee",
+            "url": emu.url,
+            "organization_id": ORG,
+            "api_key": {"env": "UNUSED"},
+            "routes": [{"series": "well3.level", "input_pk": "senlevel01"}],
+            "concurrency": 2,
+            "rate_limit_requests": 1,
+            "rate_limit_period_s": 1.0,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.2,
+            "timeout_s": 10,
+        }
+    )
     uplink = DatacooeeUplink(cfg, Secret(KEY, "test"))
     h: Harness[TimedDatacooee, DatacooeeUplink] = await hs.build(cfg, uplink, emu)
     sent = trace_client(uplink._http())
@@ -182,8 +196,9 @@ async def test_retry_after_holds_a_worker_whose_send_was_being_recorded(hs: Harn
         await h.until(lambda: h.runner.state is UplinkState.BACKING_OFF, timeout=10)
         assert sent[0].status == 429 and sent[0].retry_after == "1"
         await lock.release()
-        await h.until(lambda: len(emu.accepted) == len(readings) and h.stats()["backlog"] == 0,
-                      timeout=20)
+        await h.until(
+            lambda: len(emu.accepted) == len(readings) and h.stats()["backlog"] == 0, timeout=20
+        )
     finally:
         await lock.aclose()
 
@@ -200,16 +215,24 @@ async def test_retry_after_holds_a_worker_whose_send_was_being_recorded(hs: Harn
         answered_at = answers[p.trace].answered
         assert answered_at is not None
         # The client's view: no request started while the pause it had received was running.
-        early = [(s.trace, round(s.started - received, 3)) for s in sent
-                 if received <= s.started < received + retry_after]
+        early = [
+            (s.trace, round(s.started - received, 3))
+            for s in sent
+            if received <= s.started < received + retry_after
+        ]
         assert early == [], (
             f"requests started within the Retry-After of {retry_after:g} s that request "
-            f"{p.trace} received (trace, seconds after the 429 reached the gateway): {early}")
+            f"{p.trace} received (trace, seconds after the 429 reached the gateway): {early}"
+        )
         # The service's view: nothing arrived within the pause after it answered, except a
         # request the gateway had already started before the answer reached it.
-        arrived = [(x.trace, round(x.arrived - answered_at, 3)) for x in emu.hits
-                   if answered_at < x.arrived < answered_at + retry_after
-                   and by_trace[str(x.trace)].started >= received]
+        arrived = [
+            (x.trace, round(x.arrived - answered_at, 3))
+            for x in emu.hits
+            if answered_at < x.arrived < answered_at + retry_after
+            and by_trace[str(x.trace)].started >= received
+        ]
         assert arrived == [], (
             f"requests arrived within {retry_after:g} s of the service answering {p.trace} "
-            f"{p.status} with Retry-After (trace, seconds after the answer): {arrived}")
+            f"{p.status} with Retry-After (trace, seconds after the answer): {arrived}"
+        )

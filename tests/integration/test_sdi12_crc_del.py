@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from gateway.sandbox.serial_sim import Sdi12BusSim, SimSensor, sdi12_data_reply
-from gateway.sources.sdi12 import Sdi12Source
+from gateway.sources.serial.sdi12 import Sdi12Source
 from tests.integration.test_serial_sources import Collector, running, sdi_cfg, wait_until
 from tests.test_sdi12_crc_del import DEL, values_with_del_in_crc
 
@@ -24,7 +24,9 @@ async def socat_relay(device: Path, link: Path) -> AsyncIterator[Path]:
     """A socat pty at ``link`` whose bytes go both ways to the tty ``device``, both raw."""
     proc = subprocess.Popen(  # noqa: ASYNC220 -- asyncio subprocesses start a watcher thread
         ["socat", "-d", "-d", f"pty,raw,echo=0,link={link}", f"open:{device},raw,echo=0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
     try:
@@ -62,8 +64,12 @@ async def test_sdi12_replies_whose_crc_holds_del_become_readings(tmp_path: Path)
     assert replies["0"][-2] == DEL and replies["1"][-1] == DEL and replies["3"][-1] == DEL
     assert DEL not in replies["2"]
 
-    cfg = sdi_cfg(tmp_path / "gw", [{"address": a, "crc": True} for a in "0123"],
-                  response_timeout_s=0.3, retries=1)
+    cfg = sdi_cfg(
+        tmp_path / "gw",
+        [{"address": a, "crc": True} for a in "0123"],
+        response_timeout_s=0.3,
+        retries=1,
+    )
     c = Collector()
     source = Sdi12Source(cfg)
     async with (
@@ -74,15 +80,30 @@ async def test_sdi12_replies_whose_crc_holds_del_become_readings(tmp_path: Path)
         # One batch per cycle, after every sensor was tried: sensor 2 always answers.
         await wait_until(lambda: bool(c.readings), c.changed)
     assert {r.series: r.value for r in c.readings} == {
-        "bus.0.1": 21.5, "bus.0.2": second[1],
-        "bus.1.1": 21.5, "bus.1.2": third[1],
-        "bus.2.1": 4.25, "bus.2.2": -1.5,
-        "bus.3.1": 0.5, "bus.3.2": middle, "bus.3.3": 7.0,
+        "bus.0.1": 21.5,
+        "bus.0.2": second[1],
+        "bus.1.1": 21.5,
+        "bus.1.2": third[1],
+        "bus.2.1": 4.25,
+        "bus.2.2": -1.5,
+        "bus.3.1": 0.5,
+        "bus.3.2": middle,
+        "bus.3.3": 7.0,
     }
     assert len(c.readings) == 9
     # Every reply was taken the first time: no retries, nothing rejected.
-    assert bus.commands == ["0MC!", "0D0!", "1MC!", "1D0!", "2MC!", "2D0!",
-                            "3MC!", "3D0!", "3D1!", "3D2!"]
+    assert bus.commands == [
+        "0MC!",
+        "0D0!",
+        "1MC!",
+        "1D0!",
+        "2MC!",
+        "2D0!",
+        "3MC!",
+        "3D0!",
+        "3D1!",
+        "3D2!",
+    ]
     assert source.stats.rejected == 0 and source.stats.errors == 0
     assert source.stats.detail["faults"] == {}
     assert all(s["ok"] == 1 and s["failed"] == 0 for s in source.stats.detail["sensors"].values())

@@ -183,15 +183,18 @@ class Services:
     mosquitto) takes the token as its username."""
 
     def __init__(self, tmp: Path) -> None:
-        self.qatium = QatiumEmulator(token=QATIUM_TOKEN, assets={"Tank1": "tank"},
-                                     rate_limit=100_000)
+        self.qatium = QatiumEmulator(
+            token=QATIUM_TOKEN, assets={"Tank1": "tank"}, rate_limit=100_000
+        )
         # NILU knows another token only: ours gets 401 (the first one with an echo).
-        self.nilu = NiluEmulator([SensorSchema(395, {"no2": "double"}, timestamp="time")],
-                                 "another-nilu-token")
+        self.nilu = NiluEmulator(
+            [SensorSchema(395, {"no2": "double"}, timestamp="time")], "another-nilu-token"
+        )
         self.vanda = VandaEmulator({VANDA_CLIENT: VANDA_SECRET})
         # Datacooee has another key for the organisation: ours is refused.
-        self.datacooee = DatacooeeEmulator(ORG, "another-datacooee-key",
-                                           inputs={"senlevel01": "number"})
+        self.datacooee = DatacooeeEmulator(
+            ORG, "another-datacooee-key", inputs={"senlevel01": "number"}
+        )
         self.mosquitto = Mosquitto(tmp / "mq", acl={EDK_TOKEN: ["readwrite #"]})
 
     async def __aenter__(self) -> Services:
@@ -246,15 +249,26 @@ def setup(tmp_path: Path, services: Services) -> tuple[Path, dict[str, str]]:
     creds.mkdir(mode=0o700)
     write_secret(creds / "vanda_secret", VANDA_SECRET)
     config = tmp_path / "fieldgate.toml"
-    config.write_text(CONFIG.format(
-        tmp=tmp_path, qatium=services.qatium.url, nilu=services.nilu.url,
-        vanda_api=services.vanda.api_url, vanda_token=services.vanda.token_url,
-        datacooee=services.datacooee.url, org=ORG, datacooee_key=DATACOOEE_KEY,
-        mqtt_port=services.mosquitto.port, closed_port=closed_port(),
-    ))
+    config.write_text(
+        CONFIG.format(
+            tmp=tmp_path,
+            qatium=services.qatium.url,
+            nilu=services.nilu.url,
+            vanda_api=services.vanda.api_url,
+            vanda_token=services.vanda.token_url,
+            datacooee=services.datacooee.url,
+            org=ORG,
+            datacooee_key=DATACOOEE_KEY,
+            mqtt_port=services.mosquitto.port,
+            closed_port=closed_port(),
+        )
+    )
     config.chmod(0o600)
-    env = {"FG_TEST_NILU_TOKEN": NILU_TOKEN, "FG_TEST_EDK_TOKEN": EDK_TOKEN,
-           "CREDENTIALS_DIRECTORY": str(creds)}
+    env = {
+        "FG_TEST_NILU_TOKEN": NILU_TOKEN,
+        "FG_TEST_EDK_TOKEN": EDK_TOKEN,
+        "CREDENTIALS_DIRECTORY": str(creds),
+    }
     return config, env
 
 
@@ -271,8 +285,13 @@ def every_uplink_was_exercised(st: dict[str, Any]) -> bool:
 
 async def cli(*args: str, env: dict[str, str]) -> str:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args, env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     async with asyncio.timeout(60):
         out, _ = await proc.communicate()
@@ -300,8 +319,11 @@ async def run_daemon(
             await d.status_until(client, ready)
             pages = {p: (await client.get(p)).text for p in ("/status", "/metrics", "/health")}
         assert d.proc is not None
-        listening = {c.laddr.ip for c in psutil.Process(d.proc.pid).net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN}
+        listening = {
+            c.laddr.ip
+            for c in psutil.Process(d.proc.pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
         assert await d.terminate() == 0
     finally:
         await d.aclose()
@@ -315,8 +337,12 @@ def all_secrets(services: Services) -> dict[str, str]:
 
 
 def leaks(outputs: dict[str, str], secrets: dict[str, str]) -> list[str]:
-    return [f"{what} in {where}" for where, text in outputs.items()
-            for what, secret in secrets.items() if secret in text]
+    return [
+        f"{what} in {where}"
+        for where, text in outputs.items()
+        for what, secret in secrets.items()
+        if secret in text
+    ]
 
 
 async def test_no_secret_in_logs_status_metrics_health_or_cli_output(
@@ -341,16 +367,18 @@ async def test_no_secret_in_logs_status_metrics_health_or_cli_output(
     warned = [json.loads(line)["detail"] for line in raw if '"config_warning"' in line]
     assert f"{config} holds a plain-text secret and is readable by other users" in warned
     assert any("plain text" in w and "uplinks[3].api_key" in w for w in warned)
-    assert any(w.startswith("uplinks[2].client_id: secret file") and
-               w.endswith("is readable by other users") for w in warned)
+    assert any(
+        w.startswith("uplinks[2].client_id: secret file")
+        and w.endswith("is readable by other users")
+        for w in warned
+    )
     outputs = {
         "daemon stdout/stderr": "\n".join(raw),
         **texts,
         "check-config": await cli("check-config", str(config), env=env),
         "check-uplink nilu": await cli("check-uplink", "nilu", "-c", str(config), env=env),
         "queue --json": await cli("queue", "--json", "-c", str(config), env=env),
-        "dead-letters list": await cli("dead-letters", "list", "vanda", "-c", str(config),
-                                       env=env),
+        "dead-letters list": await cli("dead-letters", "list", "vanda", "-c", str(config), env=env),
     }
     assert not leaks(outputs, all_secrets(services))
 
@@ -361,8 +389,10 @@ class ShownOutsideTheLogs(AssertionError):
 
 def refused_everywhere(st: dict[str, Any]) -> bool:
     up = st["uplinks"]
-    return all(up[n]["state"] == "auth_failed" and up[n]["last_error"]
-               for n in ("qatium", "nilu", "vanda", "datacooee"))
+    return all(
+        up[n]["state"] == "auth_failed" and up[n]["last_error"]
+        for n in ("qatium", "nilu", "vanda", "datacooee")
+    )
 
 
 async def test_a_credential_echoed_by_a_service_is_masked_everywhere(
@@ -375,8 +405,9 @@ async def test_a_credential_echoed_by_a_service_is_masked_everywhere(
     services.qatium.faults.fail_next(10_000, status=401, body=echo_401(QATIUM_TOKEN))
     services.nilu.faults.fail_next(10_000, status=401, body=echo_401(NILU_TOKEN))
     services.datacooee.faults.fail_next(10_000, status=401, body=echo_401(DATACOOEE_KEY))
-    services.vanda.faults.fail_next(10_000, status=401, body=echo_401(VANDA_SECRET),
-                                    prefix="/runtime/")
+    services.vanda.faults.fail_next(
+        10_000, status=401, body=echo_401(VANDA_SECRET), prefix="/runtime/"
+    )
     run = await run_daemon(config, env, refused_everywhere)
     raw, texts = run.raw, run.pages
     secrets = all_secrets(services)
@@ -385,7 +416,12 @@ async def test_a_credential_echoed_by_a_service_is_masked_everywhere(
     assert all(s in logged for s in ("qatium", "nilu", "vanda", "datacooee"))
     assert not leaks({"daemon stdout/stderr": logged}, secrets)
     assert json.loads(texts["/health"])["ok"] is False
-    shown = leaks({**texts, "check-uplink nilu": await cli("check-uplink", "nilu", "-c",
-                                                           str(config), env=env)}, secrets)
+    shown = leaks(
+        {
+            **texts,
+            "check-uplink nilu": await cli("check-uplink", "nilu", "-c", str(config), env=env),
+        },
+        secrets,
+    )
     if shown:
         raise ShownOutsideTheLogs(f"secrets shown: {shown}")

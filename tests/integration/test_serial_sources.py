@@ -17,12 +17,21 @@ from typing import Any
 import pytest
 
 from gateway.models import Position, Reading
-from gateway.sandbox.serial_sim import GpsSim, LineLoggerSim, Sdi12BusSim, SimSensor
+from gateway.sandbox.serial_sim import (
+    GpsSim,
+    LineLoggerSim,
+    Sdi12BusSim,
+    SimSensor,
+    nmea_gga,
+    nmea_sentence,
+)
 from gateway.sources.base import Source, now_ms
-from gateway.sources.nmea import NmeaConfig, NmeaSource, format_gga, format_sentence
 from gateway.sources.position import PositionBoard, positioned_emit
-from gateway.sources.sdi12 import Sdi12Config, Sdi12Source
-from gateway.sources.serial import PortLost, SerialLinesConfig, SerialLinesSource, SerialPort
+from gateway.sources.serial.config import NmeaConfig, Sdi12Config, SerialLinesConfig
+from gateway.sources.serial.lines import SerialLinesSource
+from gateway.sources.serial.nmea import NmeaSource
+from gateway.sources.serial.port import PortLost, SerialPort
+from gateway.sources.serial.sdi12 import Sdi12Source
 
 FAST = {"reconnect_min_s": 0.02, "reconnect_max_s": 0.1}
 
@@ -77,8 +86,9 @@ async def resend_until(
 
 
 @contextlib.asynccontextmanager
-async def running(source: Source, emit: Callable[[Sequence[Reading]], Awaitable[None]]
-                  ) -> AsyncIterator[asyncio.Task[None]]:
+async def running(
+    source: Source, emit: Callable[[Sequence[Reading]], Awaitable[None]]
+) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.create_task(source.run(emit), name=f"poll:{source.name}")
     try:
         yield task
@@ -114,15 +124,18 @@ async def test_lines_become_readings_with_logger_timestamps(tmp_path: Path) -> N
     source = SerialLinesSource(cfg)
     assert isinstance(source, Source)
     async with LineLoggerSim(tmp_path / "tty") as sim, running(source, c.emit):
-        await resend_until(lambda: sim.write_line("2024-03-01 00:00:00,0,0"),
-                           lambda: bool(c.readings), c.changed)
+        await resend_until(
+            lambda: sim.write_line("2024-03-01 00:00:00,0,0"), lambda: bool(c.readings), c.changed
+        )
         await sim.write_line("2024-03-01 12:00:00,21.5,40")
         await sim.write_line("2024-03-01 12:00:10,-3.25,41")
         await wait_until(lambda: len(fresh(c)) >= 4, c.changed)
     t0 = 1709290800000  # 11:00 UTC
     assert fresh(c) == [
-        Reading("log1.temp", t0, 21.5), Reading("site.rh", t0, 40.0),
-        Reading("log1.temp", t0 + 10_000, -3.25), Reading("site.rh", t0 + 10_000, 41.0),
+        Reading("log1.temp", t0, 21.5),
+        Reading("site.rh", t0, 40.0),
+        Reading("log1.temp", t0 + 10_000, -3.25),
+        Reading("site.rh", t0 + 10_000, 41.0),
     ]
     assert source.stats.rejected == 0
     assert source.stats.state == "ok"
@@ -134,11 +147,17 @@ def fresh(c: Collector) -> list[Reading]:
 
 
 async def test_keyvalue_lines_take_arrival_time(tmp_path: Path) -> None:
-    cfg = lines_cfg(tmp_path / "tty", parser={"kind": "keyvalue"}, series_prefix="wx.",
-                    terminator="\r", ignore_pattern="^#")
+    cfg = lines_cfg(
+        tmp_path / "tty",
+        parser={"kind": "keyvalue"},
+        series_prefix="wx.",
+        terminator="\r",
+        ignore_pattern="^#",
+    )
     c = Collector()
-    async with LineLoggerSim(tmp_path / "tty", terminator=b"\r") as sim, running(
-        SerialLinesSource(cfg), c.emit
+    async with (
+        LineLoggerSim(tmp_path / "tty", terminator=b"\r") as sim,
+        running(SerialLinesSource(cfg), c.emit),
     ):
         await resend_until(lambda: sim.write_line("T=0"), lambda: bool(c.readings), c.changed)
         before = now_ms()
@@ -151,8 +170,9 @@ async def test_keyvalue_lines_take_arrival_time(tmp_path: Path) -> None:
 
 
 async def test_damaged_lines_are_counted_and_never_read(tmp_path: Path) -> None:
-    cfg = lines_cfg(tmp_path / "tty", parser={"kind": "delimited", "columns": ["n", "v"]},
-                    max_line_bytes=64)
+    cfg = lines_cfg(
+        tmp_path / "tty", parser={"kind": "delimited", "columns": ["n", "v"]}, max_line_bytes=64
+    )
     c = Collector()
     source = SerialLinesSource(cfg)
     async with LineLoggerSim(tmp_path / "tty") as sim, running(source, c.emit):
@@ -174,8 +194,11 @@ async def test_damaged_lines_are_counted_and_never_read(tmp_path: Path) -> None:
 
 
 async def test_partial_line_after_silence_is_dropped(tmp_path: Path) -> None:
-    cfg = lines_cfg(tmp_path / "tty", parser={"kind": "delimited", "columns": ["n", "v"]},
-                    partial_line_timeout_s=0.05)
+    cfg = lines_cfg(
+        tmp_path / "tty",
+        parser={"kind": "delimited", "columns": ["n", "v"]},
+        partial_line_timeout_s=0.05,
+    )
     c = Collector()
     source = SerialLinesSource(cfg)
     async with LineLoggerSim(tmp_path / "tty") as sim, running(source, c.emit):
@@ -202,8 +225,9 @@ async def test_source_waits_for_the_port_and_resumes_after_replug(tmp_path: Path
             assert source.stats.detail["port_open"]
             sim.unplug()  # the USB adapter is pulled ...
             sim.plug()  # ... and plugged back in
-            await resend_until(lambda: sim.write_line("2"),
-                               lambda: 2.0 in c.values("log1.n"), c.changed)
+            await resend_until(
+                lambda: sim.write_line("2"), lambda: 2.0 in c.values("log1.n"), c.changed
+            )
     assert source.stats.detail["faults"]["port_lost"] >= 1
     assert source.stats.detail["opens"] >= 2
     assert set(c.values("log1.n")) == {1.0, 2.0}
@@ -230,8 +254,9 @@ async def test_aclose_ends_run_and_run_restarts_after_a_crash(tmp_path: Path) ->
         assert not source.stats.detail["port_open"]  # a crash leaves no port open
         again = asyncio.create_task(source.run(emit), name="poll:log1")
         try:
-            await resend_until(lambda: sim.write_line("5"), lambda: 5.0 in c.values("log1.n"),
-                               c.changed)
+            await resend_until(
+                lambda: sim.write_line("5"), lambda: 5.0 in c.values("log1.n"), c.changed
+            )
             await source.aclose()
             async with asyncio.timeout(10):
                 await again  # returns: no reopen after aclose
@@ -265,8 +290,9 @@ async def test_port_notices_a_vanished_device(tmp_path: Path) -> None:
 
 
 def gps_cfg(path: Path, **kw: Any) -> NmeaConfig:
-    return NmeaConfig.model_validate({"type": "nmea", "name": "gps", "port": str(path), **FAST,
-                                      **kw})
+    return NmeaConfig.model_validate(
+        {"type": "nmea", "name": "gps", "port": str(path), **FAST, **kw}
+    )
 
 
 HOME = Position(55.676111, 12.568333, 14.2)
@@ -275,15 +301,17 @@ ELSEWHERE = Position(-33.865, 151.209444, 3.0)
 
 
 async def test_gps_publishes_fixes_and_honours_fix_quality(tmp_path: Path) -> None:
-    cfg = gps_cfg(tmp_path / "gps", emit=["lat", "lon", "alt", "satellites", "fix_quality"],
-                  max_hdop=5.0)
+    cfg = gps_cfg(
+        tmp_path / "gps", emit=["lat", "lon", "alt", "satellites", "fix_quality"], max_hdop=5.0
+    )
     board, c = RecordingBoard(), Collector()
     source = NmeaSource(cfg, board)
     assert isinstance(source, Source)
     async with GpsSim(tmp_path / "gps", talker="GN") as gps, running(source, c.emit):
         gps.set_fix(HOME, satellites=9)
-        await resend_until(gps.send_epoch, lambda: near(board.latest("gps", 10), HOME),
-                           board.changed)
+        await resend_until(
+            gps.send_epoch, lambda: near(board.latest("gps", 10), HOME), board.changed
+        )
         latest = board.latest("gps", 10)
         assert near(latest, HOME) and latest is not None and latest.alt == 14.2
         await wait_until(lambda: bool(c.values("gps.lat")), c.changed)
@@ -305,13 +333,13 @@ async def test_gps_publishes_fixes_and_honours_fix_quality(tmp_path: Path) -> No
         gps.set_fix(HOME)
         await gps.send_epoch()
         await wait_until(lambda: near(board.history[-1], HOME), board.changed)
-        await gps.send_sentence(format_gga(datetime.now(UTC).time(), AWAY, quality=6))
+        await gps.send_sentence(nmea_gga(datetime.now(UTC).time(), AWAY, quality=6))
         await wait_until(lambda: board.history[-1] is None, board.changed)
 
         # RMC status V voids the fix.
         await gps.send_epoch()
         await wait_until(lambda: near(board.history[-1], HOME), board.changed)
-        await gps.send_sentence(format_sentence("GNRMC,120000.00,V,,,,,,,010124,,,N"))
+        await gps.send_sentence(nmea_sentence("GNRMC,120000.00,V,,,,,,,010124,,,N"))
         await wait_until(lambda: board.history[-1] is None, board.changed)
 
         # Too imprecise for the configured max_hdop: GGA says no, and RMC defers to GGA.
@@ -346,10 +374,12 @@ async def test_gps_port_loss_withdraws_the_fix_and_positions_follow(tmp_path: Pa
         running(logger, log_emit),
     ):
         gps.set_fix(HOME)
-        await resend_until(gps.send_epoch, lambda: near(board.latest("gps", 30), HOME),
-                           board.changed)
-        await resend_until(lambda: sim.write_line("level=1"), lambda: bool(log_c.readings),
-                           log_c.changed)
+        await resend_until(
+            gps.send_epoch, lambda: near(board.latest("gps", 30), HOME), board.changed
+        )
+        await resend_until(
+            lambda: sim.write_line("level=1"), lambda: bool(log_c.readings), log_c.changed
+        )
         assert all(near(r.position, HOME) for r in log_c.readings)
 
         gps.unplug()
@@ -366,8 +396,17 @@ async def test_gps_port_loss_withdraws_the_fix_and_positions_follow(tmp_path: Pa
 
 
 def sdi_cfg(path: Path, sensors: list[dict[str, Any]], **kw: Any) -> Sdi12Config:
-    return Sdi12Config.model_validate({"type": "sdi12", "name": "bus", "port": str(path),
-                                       "interval_s": 3600, "sensors": sensors, **FAST, **kw})
+    return Sdi12Config.model_validate(
+        {
+            "type": "sdi12",
+            "name": "bus",
+            "port": str(path),
+            "interval_s": 3600,
+            "sensors": sensors,
+            **FAST,
+            **kw,
+        }
+    )
 
 
 async def test_sdi12_two_sensors_wait_or_service_request(tmp_path: Path) -> None:
@@ -375,19 +414,31 @@ async def test_sdi12_two_sensors_wait_or_service_request(tmp_path: Path) -> None
         # Announces 5 s but is done after 0.2 s and says so with a service request.
         SimSensor("0", [21.5, -3.25], wait_s=5, ready_after_s=0.2, service_request=True),
         # Announces 1 s, sends no service request: data is there only after the wait.
-        SimSensor("1", [1.0, 2.0, 3.0, 4.0], wait_s=1, ready_after_s=0.6, service_request=False,
-                  values_per_reply=3),
+        SimSensor(
+            "1",
+            [1.0, 2.0, 3.0, 4.0],
+            wait_s=1,
+            ready_after_s=0.6,
+            service_request=False,
+            values_per_reply=3,
+        ),
     ]
-    cfg = sdi_cfg(tmp_path / "bus", [{"address": "0", "series": ["soil.moist", "soil.temp"]},
-                                     {"address": "1"}])
+    cfg = sdi_cfg(
+        tmp_path / "bus",
+        [{"address": "0", "series": ["soil.moist", "soil.temp"]}, {"address": "1"}],
+    )
     c = Collector()
     source = Sdi12Source(cfg)
     assert isinstance(source, Source)
     async with Sdi12BusSim(tmp_path / "bus", sensors) as bus, running(source, c.emit):
         await wait_until(lambda: len(c.readings) >= 6, c.changed)
     assert {r.series: r.value for r in c.readings} == {
-        "soil.moist": 21.5, "soil.temp": -3.25,
-        "bus.1.1": 1.0, "bus.1.2": 2.0, "bus.1.3": 3.0, "bus.1.4": 4.0,
+        "soil.moist": 21.5,
+        "soil.temp": -3.25,
+        "bus.1.1": 1.0,
+        "bus.1.2": 2.0,
+        "bus.1.3": 3.0,
+        "bus.1.4": 4.0,
     }
     assert bus.commands == ["0M!", "0D0!", "1M!", "1D0!", "1D1!"]
     assert [s.early_reads for s in sensors] == [0, 0]  # the announced wait was honoured
@@ -400,8 +451,9 @@ async def test_sdi12_concurrent_measurement(tmp_path: Path) -> None:
         SimSensor("2", [10.0], wait_s=1, ready_after_s=0.5),
         SimSensor("3", [1.5, 2.5, 3.5, 4.5, 5.5], wait_s=1, ready_after_s=0.5, values_per_reply=2),
     ]
-    cfg = sdi_cfg(tmp_path / "bus", [{"address": "2", "command": "C"},
-                                     {"address": "3", "command": "C"}])
+    cfg = sdi_cfg(
+        tmp_path / "bus", [{"address": "2", "command": "C"}, {"address": "3", "command": "C"}]
+    )
     c = Collector()
     async with Sdi12BusSim(tmp_path / "bus", sensors) as bus, running(Sdi12Source(cfg), c.emit):
         await wait_until(lambda: len(c.readings) >= 6, c.changed)
@@ -417,8 +469,12 @@ async def test_sdi12_crc_retry_and_a_silent_sensor(tmp_path: Path) -> None:
         SimSensor("0", [7.25, 8.5], wait_s=0, ready_after_s=0, corrupt_crc=1),
         SimSensor("9", [1.0], absent=True),
     ]
-    cfg = sdi_cfg(tmp_path / "bus", [{"address": "0", "crc": True}, {"address": "9"}],
-                  response_timeout_s=0.2, retries=1)
+    cfg = sdi_cfg(
+        tmp_path / "bus",
+        [{"address": "0", "crc": True}, {"address": "9"}],
+        response_timeout_s=0.2,
+        retries=1,
+    )
     c = Collector()
     source = Sdi12Source(cfg)
     async with Sdi12BusSim(tmp_path / "bus", sensors) as bus, running(source, c.emit):

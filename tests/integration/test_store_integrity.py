@@ -21,13 +21,15 @@ from gateway.configbase import StoreConfig
 from gateway.models import Reading
 from gateway.sandbox.qatium import QatiumEmulator
 from gateway.store import Store
-from gateway.uplinks.qatium import iso_time
+from gateway.uplinks.qatium.uplink import iso_time
 
 from .daemon import DAEMON_HEAD, Daemon
 from .test_daemon import closed_port
 from .test_disk_full import make_readonly, small_tmpfs
 
-CONFIG = DAEMON_HEAD + """
+CONFIG = (
+    DAEMON_HEAD
+    + """
 [[sources]]
 name = "gen"
 type = "synthetic"
@@ -47,6 +49,7 @@ asset = "Tank1"
 metric = "level"
 unit = "m"
 """
+)
 ENV = {"FG_TEST_TOKEN": "integrity-token-0815"}
 
 
@@ -70,7 +73,11 @@ async def run_until_exit(d: Daemon, timeout: float = 60) -> int:
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **ENV}, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **ENV},
+        check=False,
     )
 
 
@@ -256,8 +263,8 @@ async def test_a_modbus_uint64_above_2_63_is_stored_exactly_and_the_writer_lives
     """A real pymodbus server serves an energy counter 0xFEDCBA9876543210; the source's
     readings go into a real store (before: OverflowError in the group commit, writer dead)."""
     from gateway.sandbox.modbus_sim import ModbusSimulator
-    from gateway.sources.modbus import ModbusSource
-    from gateway.sources.modbus_decode import FieldSpec
+    from gateway.sources.modbus.decode import FieldSpec
+    from gateway.sources.modbus.source import ModbusSource
 
     from .test_modbus_source import REPO, device, make_cfg
 
@@ -267,8 +274,10 @@ async def test_a_modbus_uint64_above_2_63_is_stored_exactly_and_the_writer_lives
         FieldSpec("m.serial", "holding", 4, "uint64", order="DCBA"),
         FieldSpec("m.temp", "holding", 8, "int16"),
     ]
-    store = await Store.open(StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10),
-                             {"a": ["m.energy", "m.serial", "m.temp"]})
+    store = await Store.open(
+        StoreConfig(path=tmp_path / "q.db", commit_interval_ms=10),
+        {"a": ["m.energy", "m.serial", "m.temp"]},
+    )
     writer = asyncio.create_task(store.run(), name="store:writer")
     committed = asyncio.Event()
 

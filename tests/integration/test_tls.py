@@ -31,12 +31,16 @@ from gateway.sandbox.qatium import QatiumEmulator
 from gateway.sandbox.vanda import VandaEmulator
 from gateway.uplinks import http
 from gateway.uplinks.base import Uplink
-from gateway.uplinks.datacooee import DatacooeeConfig, DatacooeeUplink
+from gateway.uplinks.datacooee.config import DatacooeeConfig
+from gateway.uplinks.datacooee.uplink import DatacooeeUplink
 from gateway.uplinks.dispatch import UplinkState
-from gateway.uplinks.energydata import BackfillConfig, EnergydataConfig
-from gateway.uplinks.nilu import NiluConfig, NiluUplink
-from gateway.uplinks.qatium import QatiumConfig, QatiumUplink
-from gateway.uplinks.vanda import VandaConfig, VandaUplink
+from gateway.uplinks.energydata.config import BackfillConfig, EnergydataConfig
+from gateway.uplinks.nilu.config import NiluConfig
+from gateway.uplinks.nilu.uplink import NiluUplink
+from gateway.uplinks.qatium.config import QatiumConfig
+from gateway.uplinks.qatium.uplink import QatiumUplink
+from gateway.uplinks.vanda.config import VandaConfig
+from gateway.uplinks.vanda.uplink import VandaUplink
 
 from .uplink_harness import Harness, Harnesses
 
@@ -48,8 +52,12 @@ CLIENT, CLIENT_SECRET = "fieldgate-tls-client", "vanda-tls-secret-123"
 VERIFY_FAILED = "CERTIFICATE_VERIFY_FAILED"
 #: ``window_grace_s = 0``: the readings are minutes old and stored at once, so NILU's and Vanda's
 #: windows close as soon as they end (the default grace would hold the newest one).
-COMMON: dict[str, object] = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 5,
-                             "window_grace_s": 0}
+COMMON: dict[str, object] = {
+    "backoff_initial_s": 0.05,
+    "backoff_max_s": 0.2,
+    "timeout_s": 5,
+    "window_grace_s": 0,
+}
 #: A refused uplink then waits 30-60 s: the test ends during that wait. (Cancelling an httpx
 #: request in the middle of a TLS handshake leaks its socket in httpcore 1.0, whose start_tls
 #: closes the stream on Exception only: a ResourceWarning later, an error under our filters.)
@@ -109,12 +117,20 @@ def qatium_case() -> Case:
     return Case(
         "qatium",
         lambda: QatiumEmulator(token=TOKEN, assets={"Tank1": "tank"}),
-        lambda emu, kw: QatiumConfig.model_validate({
-            "name": "qatium", "type": "qatium", "url": f"{emu.url}/ingest",
-            "token": {"env": "UNUSED"}, "job_poll_s": 0.05, **COMMON, **kw,
-            "routes": [{"series": "tank1.level", "asset": "Tank1", "metric": "level",
-                        "unit": "m"}],
-        }),
+        lambda emu, kw: QatiumConfig.model_validate(
+            {
+                "name": "qatium",
+                "type": "qatium",
+                "url": f"{emu.url}/ingest",
+                "token": {"env": "UNUSED"},
+                "job_poll_s": 0.05,
+                **COMMON,
+                **kw,
+                "routes": [
+                    {"series": "tank1.level", "asset": "Tank1", "metric": "level", "unit": "m"}
+                ],
+            }
+        ),
         lambda cfg: QatiumUplink(cfg, Secret(TOKEN, "test")),
         lambda: [Reading("tank1.level", t, 2.0 + i / 10) for i, t in enumerate(past_minutes(5))],
         lambda emu: len(emu.rows),
@@ -125,12 +141,19 @@ def nilu_case() -> Case:
     return Case(
         "nilu",
         lambda: NiluEmulator([SensorSchema(395, {"no2": "double"}, timestamp="time")], TOKEN),
-        lambda emu, kw: NiluConfig.model_validate({
-            "name": "nilu", "type": "nilu", "url": emu.url, "token": {"env": "UNUSED"},
-            "rate_limit_requests": 0, **COMMON, **kw,
-            "sensors": [{"id": 395, "resolution_s": 60, "timestamp_field": "time"}],
-            "routes": [{"series": "s395.no2", "sensor": 395, "parameter": "no2"}],
-        }),
+        lambda emu, kw: NiluConfig.model_validate(
+            {
+                "name": "nilu",
+                "type": "nilu",
+                "url": emu.url,
+                "token": {"env": "UNUSED"},
+                "rate_limit_requests": 0,
+                **COMMON,
+                **kw,
+                "sensors": [{"id": 395, "resolution_s": 60, "timestamp_field": "time"}],
+                "routes": [{"series": "s395.no2", "sensor": 395, "parameter": "no2"}],
+            }
+        ),
         lambda cfg: NiluUplink(cfg, Secret(TOKEN, "test")),
         lambda: [Reading("s395.no2", t, 10.0 + i) for i, t in enumerate(past_minutes(5))],
         lambda emu: len(emu.packets),
@@ -141,11 +164,19 @@ def datacooee_case() -> Case:
     return Case(
         "datacooee",
         lambda: DatacooeeEmulator(ORG, API_KEY, inputs={"senlevel01": "number"}),
-        lambda emu, kw: DatacooeeConfig.model_validate({
-            "name": "datacooee", "type": "datacooee", "url": emu.url, "organization_id": ORG,
-            "api_key": {"env": "UNUSED"}, "rate_limit_requests": 0, **COMMON, **kw,
-            "routes": [{"series": "well3.level", "input_pk": "senlevel01"}],
-        }),
+        lambda emu, kw: DatacooeeConfig.model_validate(
+            {
+                "name": "datacooee",
+                "type": "datacooee",
+                "url": emu.url,
+                "organization_id": ORG,
+                "api_key": {"env": "UNUSED"},
+                "rate_limit_requests": 0,
+                **COMMON,
+                **kw,
+                "routes": [{"series": "well3.level", "input_pk": "senlevel01"}],
+            }
+        ),
         lambda cfg: DatacooeeUplink(cfg, Secret(API_KEY, "test")),
         lambda: [Reading("well3.level", t, 2.25 + i) for i, t in enumerate(past_minutes(5))],
         lambda emu: len(emu.accepted),
@@ -158,17 +189,29 @@ def vanda_case() -> Case:
     return Case(
         "vanda",
         lambda: VandaEmulator({CLIENT: CLIENT_SECRET}),
-        lambda emu, kw: VandaConfig.model_validate({
-            "name": "vanda", "type": "vanda", "api_url": emu.api_url,
-            "token_url": emu.token_url, "client_id": {"env": "UNUSED"},
-            "client_secret": {"env": "UNUSED"}, **COMMON, **kw,
-            "routes": [{"series": "river1.level", "station_id": "52000123",
-                        "measurement_point_number": 1, "examination_type_sc": 25,
-                        "reason_code_sc": 5}],
-        }),
+        lambda emu, kw: VandaConfig.model_validate(
+            {
+                "name": "vanda",
+                "type": "vanda",
+                "api_url": emu.api_url,
+                "token_url": emu.token_url,
+                "client_id": {"env": "UNUSED"},
+                "client_secret": {"env": "UNUSED"},
+                **COMMON,
+                **kw,
+                "routes": [
+                    {
+                        "series": "river1.level",
+                        "station_id": "52000123",
+                        "measurement_point_number": 1,
+                        "examination_type_sc": 25,
+                        "reason_code_sc": 5,
+                    }
+                ],
+            }
+        ),
         lambda cfg: VandaUplink(cfg, Secret(CLIENT, "test"), Secret(CLIENT_SECRET, "test")),
-        lambda: [Reading("river1.level", t, 120.0 + i)
-                 for i, t in enumerate(past_five_minutes(5))],
+        lambda: [Reading("river1.level", t, 120.0 + i) for i, t in enumerate(past_five_minutes(5))],
         lambda emu: len(emu.measurements),
     )
 
@@ -207,8 +250,10 @@ async def tls_handshakes_ended() -> None:
     two; with the client's socket closed it ends at once. Wait for them, bounded."""
     current = asyncio.current_task()
     handshakes = [
-        t for t in asyncio.all_tasks()
-        if t is not current and not t.done()
+        t
+        for t in asyncio.all_tasks()
+        if t is not current
+        and not t.done()
         and getattr(t.get_coro(), "__name__", "") == "_accept_connection2"
     ]
     if handshakes:
@@ -283,8 +328,9 @@ async def test_a_certificate_for_another_host_name_is_refused(
     env: Make, other_host_ca: TestCA, case: Case
 ) -> None:
     # The CA is trusted; the certificate names fieldgate.invalid, the uplink dials 127.0.0.1.
-    h: Harness[Any, Any] = await env(case, other_host_ca, ca_file=str(other_host_ca.ca_cert),
-                                     **ONE_ATTEMPT)
+    h: Harness[Any, Any] = await env(
+        case, other_host_ca, ca_file=str(other_host_ca.ca_cert), **ONE_ATTEMPT
+    )
     n = len(case.readings())
     await h.until(lambda: VERIFY_FAILED in (h.runner.last_error or ""))
     assert "mismatch" in (h.runner.last_error or "")  # OpenSSL: "IP address mismatch"

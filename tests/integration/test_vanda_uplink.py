@@ -17,9 +17,11 @@ from gateway.config import Secret
 from gateway.models import Reading, StoredReading
 from gateway.sandbox.emulator import ManualClock
 from gateway.sandbox.vanda import TOKEN_PATH, Measurement, VandaEmulator
+from gateway.sandbox.vanda_tables import EXAMINATION_TYPES as SERVICE_TABLE
 from gateway.uplinks.dispatch import UplinkState
-from gateway.uplinks.vanda import VandaConfig, VandaUplink, probe_examination_types
-from gateway.uplinks.vanda_tables import EXAMINATION_TYPES, format_minute, round_result
+from gateway.uplinks.vanda.config import VandaConfig
+from gateway.uplinks.vanda.tables import EXAMINATION_TYPES, format_minute, round_result
+from gateway.uplinks.vanda.uplink import VandaUplink
 
 from .uplink_harness import Harness, Harnesses
 
@@ -43,7 +45,8 @@ ROUTES: list[dict[str, Any]] = [
     },
 ]
 STATION = {"river1.level": "52000123", "well7.level": "ACME-W7"}
-NARROW = {**EXAMINATION_TYPES, 25: replace(EXAMINATION_TYPES[25], max=500.0)}
+#: The emulator's table (its own transcription of the document) with a narrower type 25.
+NARROW = {**SERVICE_TABLE, 25: replace(SERVICE_TABLE[25], max=500.0)}
 MEASUREMENTS = "/api/measurements"
 
 
@@ -406,14 +409,22 @@ async def test_min_interval_downsampling(env: Callable[..., Any]) -> None:
 
 
 async def test_probe_reports_differences_from_the_builtin_table(env: Callable[..., Any]) -> None:
-    table = {**NARROW, 31: replace(EXAMINATION_TYPES[31], reason_codes=frozenset({0, 1}))}
+    table = {**NARROW, 31: replace(SERVICE_TABLE[31], reason_codes=frozenset({0, 1}))}
     h: Harness = await env(emu_kw={"examination_types": table})
     cfg = h.uplink.cfg
-    lines = await probe_examination_types(cfg, Secret(CLIENT, "t"), Secret(SECRET, "t"))
+    lines = await _differences(cfg)
     assert lines == [
         "examination type 25: max is 500 at the service, 10000 built in",
         "routes[1] (well7.level): reason code 17 is not accepted for examination type 31 "
         "(the service takes [0, 1])",
     ]
-    h.emu.table = dict(EXAMINATION_TYPES)
-    assert await probe_examination_types(cfg, Secret(CLIENT, "t"), Secret(SECRET, "t")) == []
+    h.emu.table = dict(SERVICE_TABLE)
+    assert await _differences(cfg) == []
+
+
+async def _differences(cfg: VandaConfig) -> list[str]:
+    up = VandaUplink(cfg, Secret(CLIENT, "t"), Secret(SECRET, "t"))
+    try:
+        return await up.examination_type_differences()
+    finally:
+        await up.aclose()

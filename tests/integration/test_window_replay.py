@@ -43,8 +43,11 @@ from .daemon import DAEMON_HEAD, Daemon
 from .test_sdi12_crc_del import socat_relay
 
 CLIENT, SECRET, NILU_TOKEN = "replay-client", "replay-vanda-secret", "replay-nilu-token"
-ENV = {"FG_REPLAY_VANDA_ID": CLIENT, "FG_REPLAY_VANDA_SECRET": SECRET,
-       "FG_REPLAY_NILU_TOKEN": NILU_TOKEN}
+ENV = {
+    "FG_REPLAY_VANDA_ID": CLIENT,
+    "FG_REPLAY_VANDA_SECRET": SECRET,
+    "FG_REPLAY_NILU_TOKEN": NILU_TOKEN,
+}
 #: The logger's clock: a fixed offset (no daylight saving change can fall into the data).
 LOGGER_TZ = timedelta(hours=1)
 MEMORY_MINUTES = 300  # five hours of one record per minute (a few minutes missing)
@@ -75,7 +78,9 @@ TARGETS = [
 COLUMNS = ["time", *(t.column for t in TARGETS)]
 NILU_RESOLUTION = {601: 600, 602: 300}
 
-CONFIG = DAEMON_HEAD + """
+CONFIG = (
+    DAEMON_HEAD
+    + """
 [[sources]]
 name = "river"
 type = "serial_lines"
@@ -114,10 +119,12 @@ backoff_initial_s = 0.05
 backoff_max_s = 0.5
 timeout_s = 5
 {nilu_sensors}{nilu_routes}"""
+)
 
 
 def write_config(tmp: Path, tty: Path, vanda: str, nilu: str) -> Path:
-    vanda_routes = "".join(f"""  [[uplinks.routes]]
+    vanda_routes = "".join(
+        f"""  [[uplinks.routes]]
   series = "river.{t.column}"
   station_id = "{t.key}"
   measurement_point_number = 1
@@ -125,23 +132,42 @@ def write_config(tmp: Path, tty: Path, vanda: str, nilu: str) -> Path:
   reason_code_sc = 5
   min_interval_s = {t.width_s}
   downsample = "{t.mode}"
-""" for t in TARGETS if t.uplink == "vanda")
-    nilu_sensors = "".join(f"""  [[uplinks.sensors]]
+"""
+        for t in TARGETS
+        if t.uplink == "vanda"
+    )
+    nilu_sensors = "".join(
+        f"""  [[uplinks.sensors]]
   id = {sid}
   resolution_s = {res}
   timestamp_field = "t"
-""" for sid, res in NILU_RESOLUTION.items())
+"""
+        for sid, res in NILU_RESOLUTION.items()
+    )
     # No min_interval_s: a NILU route's window is its sensor's resolution.
-    nilu_routes = "".join(f"""  [[uplinks.routes]]
+    nilu_routes = "".join(
+        f"""  [[uplinks.routes]]
   series = "river.{t.column}"
   sensor = {t.key}
   parameter = "{t.parameter}"
   downsample = "{t.mode}"
-""" for t in TARGETS if t.uplink == "nilu")
+"""
+        for t in TARGETS
+        if t.uplink == "nilu"
+    )
     path = tmp / "fieldgate.toml"
-    path.write_text(CONFIG.format(
-        db=tmp / "fg.db", tty=tty, columns=json.dumps(COLUMNS), vanda=vanda, nilu=nilu,
-        vanda_routes=vanda_routes, nilu_sensors=nilu_sensors, nilu_routes=nilu_routes))
+    path.write_text(
+        CONFIG.format(
+            db=tmp / "fg.db",
+            tty=tty,
+            columns=json.dumps(COLUMNS),
+            vanda=vanda,
+            nilu=nilu,
+            vanda_routes=vanda_routes,
+            nilu_sensors=nilu_sensors,
+            nilu_routes=nilu_routes,
+        )
+    )
     return path
 
 
@@ -212,10 +238,14 @@ def minute_text(ts_ms: int) -> str:
 def received(vanda: VandaEmulator, nilu: NiluEmulator, target: Target) -> dict[Any, float]:
     """Window start as the service shows it -> value, for one target."""
     if target.uplink == "vanda":
-        return {m.measurement_date_time: m.result for m in vanda.measurements
-                if m.station == target.key}
-    return {p.timestamp: p.values[target.parameter] for p in nilu.packets
-            if p.sensor == target.key and target.parameter in p.values}
+        return {
+            m.measurement_date_time: m.result for m in vanda.measurements if m.station == target.key
+        }
+    return {
+        p.timestamp: p.values[target.parameter]
+        for p in nilu.packets
+        if p.sensor == target.key and target.parameter in p.values
+    }
 
 
 def expected(records: Iterable[Record], target: Target) -> dict[Any, float]:
@@ -231,8 +261,11 @@ def closed_windows(records: list[Record], target: Target) -> set[Any]:
     width = target.width_s * 1000
     last = records[-1].ts_ms - records[-1].ts_ms % width
     starts = {s for s in windows(records, target) if s < last}
-    return {minute_text(s) for s in starts} if target.uplink == "vanda" else {
-        s // 1000 for s in starts}
+    return (
+        {minute_text(s) for s in starts}
+        if target.uplink == "vanda"
+        else {s // 1000 for s in starts}
+    )
 
 
 async def test_replayed_memory_is_aggregated_per_window_with_no_dead_letters(
@@ -240,8 +273,7 @@ async def test_replayed_memory_is_aggregated_per_window_with_no_dead_letters(
 ) -> None:
     records, closing = memory()
     schemas = [
-        SensorSchema(601, {"level": "double", "gust": "double"}, timestamp="t",
-                     resolution_s=600),
+        SensorSchema(601, {"level": "double", "gust": "double"}, timestamp="t", resolution_s=600),
         SensorSchema(602, {"temp": "double"}, timestamp="t", resolution_s=300),
     ]
     async with (
@@ -259,8 +291,12 @@ async def test_replayed_memory_is_aggregated_per_window_with_no_dead_letters(
 
             def holds(written: list[Record], uplink: str) -> Callable[[], bool]:
                 def check() -> bool:
-                    return all(closed_windows(written, t) <= set(received(vanda, nilu, t))
-                               for t in TARGETS if t.uplink == uplink)
+                    return all(
+                        closed_windows(written, t) <= set(received(vanda, nilu, t))
+                        for t in TARGETS
+                        if t.uplink == uplink
+                    )
+
                 return check
 
             # The memory in chunks that end inside windows; after each, wait until every window
@@ -284,9 +320,13 @@ async def test_replayed_memory_is_aggregated_per_window_with_no_dead_letters(
             # The closing record's readings stay pending (their window is open), everything
             # else was delivered (or, before the fix, dead-lettered).
             held = {"vanda": 4, "nilu": 3}
-            st = await d.status_until(client, lambda st: all(
-                st["uplinks"][u]["backlog"] == n or st["uplinks"][u]["dead_letters"]
-                for u, n in held.items()))
+            st = await d.status_until(
+                client,
+                lambda st: all(
+                    st["uplinks"][u]["backlog"] == n or st["uplinks"][u]["dead_letters"]
+                    for u, n in held.items()
+                ),
+            )
             assert await d.terminate() == 0
     assert split >= 4
 
@@ -301,7 +341,8 @@ async def test_replayed_memory_is_aggregated_per_window_with_no_dead_letters(
             f"{t.uplink} {t.key} {t.column} ({t.mode}, {t.width_s} s): "
             f"{len(wrong)} of {len(want)} windows wrong, e.g. (got, want) "
             f"{dict(list(wrong.items())[:3])}; windows that should not have been sent "
-            f"{extra[:3]}; {len(dead)} dead letters, e.g. {dead[:1]}")
+            f"{extra[:3]}; {len(dead)} dead letters, e.g. {dead[:1]}"
+        )
         assert len(want) >= MEMORY_MINUTES * 60 // t.width_s - 2
     assert dead == []
     src = st["sources"]["river"]

@@ -63,8 +63,9 @@ class Harnesses:
 
     async def build(self, cfg: UplinkConfigBase, uplink: U, emu: E) -> Harness[E, U]:
         path = self.tmp_path / f"{cfg.name}{len(self._made)}.db"
-        store = await Store.open(StoreConfig(path=path, commit_interval_ms=10),
-                                 {cfg.name: cfg.routed_series()})
+        store = await Store.open(
+            StoreConfig(path=path, commit_interval_ms=10), {cfg.name: cfg.routed_series()}
+        )
         writer = asyncio.create_task(store.run(), name="store:writer")
         runner = UplinkRunner(uplink, cfg, store)  # type: ignore[arg-type]
         h: Harness[E, U] = Harness(store, emu, runner, uplink)

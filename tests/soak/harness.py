@@ -108,21 +108,29 @@ class Report:
         for u in self.uplinks:
             lines.append(
                 f"{u.name:<11}{u.unit:<22}{u.expected:>9}{u.delivered:>10}{u.lost:>6}"
-                f"{u.duplicates:>7}{u.mismatched:>6}{u.unexpected:>7}{u.dead_letters:>6}")
+                f"{u.duplicates:>7}{u.mismatched:>6}{u.unexpected:>7}{u.dead_letters:>6}"
+            )
             if u.lost_examples:
                 lines.append(f"    lost e.g. {', '.join(u.lost_examples)}")
             if u.mismatch_examples:
                 lines.append(f"    mismatched e.g. {'; '.join(u.mismatch_examples)}")
             if u.dead_letters:
                 lines.append(f"    dead-letter reason e.g. {u.dead_letter_reason[:160]}")
-        lines.append("faults injected: " + ", ".join(
-            f"{k} {v}" for k, v in sorted(self.chaos.items())))
-        lines.append("service answers: " + "; ".join(
-            f"{name} " + " ".join(f"{s}:{n}" for s, n in sorted(c.items()))
-            for name, c in self.answers.items()))
+        lines.append(
+            "faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(self.chaos.items()))
+        )
+        lines.append(
+            "service answers: "
+            + "; ".join(
+                f"{name} " + " ".join(f"{s}:{n}" for s, n in sorted(c.items()))
+                for name, c in self.answers.items()
+            )
+        )
         if self.log_errors:
-            lines.append("daemon error events: " + ", ".join(
-                f"{k} {v}" for k, v in sorted(self.log_errors.items())))
+            lines.append(
+                "daemon error events: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(self.log_errors.items()))
+            )
         if self.unexpected_exits:
             lines.append("unexpected daemon exits: " + "; ".join(self.unexpected_exits))
         if self.drain_left:
@@ -136,15 +144,17 @@ class Report:
             lines.append(
                 f"daemon RSS (psutil, every {self.plan.rss_every_s:g} s, {len(mib)} samples): "
                 f"first {mib[0]:.1f} MiB, max {max(mib):.1f} MiB, last {mib[-1]:.1f} MiB; "
-                "peak per run: " + " ".join(f"{v:.0f}" for v in peaks.values()))
+                "peak per run: " + " ".join(f"{v:.0f}" for v in peaks.values())
+            )
         return "\n".join(lines)
 
 
 class Soak:
     """One soak run (module docstring). ``say`` receives a progress line per cycle."""
 
-    def __init__(self, workdir: Path, plan: SoakPlan,
-                 say: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, plan: SoakPlan, say: Callable[[str], None] | None = None
+    ) -> None:
         self.workdir = workdir
         self.plan = plan
         self.say = say or (lambda _line: None)
@@ -169,15 +179,19 @@ class Soak:
             started = time.monotonic()
             every = self.plan.drain_every
             for cycle in range(1, self.plan.kills + 1):
-                if self.plan.max_kill_loop_s and \
-                        time.monotonic() - started > self.plan.max_kill_loop_s:
+                if (
+                    self.plan.max_kill_loop_s
+                    and time.monotonic() - started > self.plan.max_kill_loop_s
+                ):
                     break
                 if every and cycle % every == 0:
                     moment = await self._cycle(drain, stand, drained=True)
                 else:
                     moment = await self._cycle(live, stand, drained=False)
-                self.say(f"kill {cycle}/{self.plan.kills}: {moment} "
-                         f"(t={time.monotonic() - self._t0:.0f} s)")
+                self.say(
+                    f"kill {cycle}/{self.plan.kills}: {moment} "
+                    f"(t={time.monotonic() - self._t0:.0f} s)"
+                )
             await stand.calm()
             await self._final(drain)
             self._collect(stand)
@@ -200,7 +214,8 @@ class Soak:
             await sampler  # AssertionError: the daemon died before READY (reported below)
         if d.proc is not None and d.proc.returncode is not None:
             self.report.unexpected_exits.append(
-                f"run {self._run_no} exited {d.proc.returncode}: {d.raw[-3:]}")
+                f"run {self._run_no} exited {d.proc.returncode}: {d.raw[-3:]}"
+            )
         rc = await (d.kill() if kill else d.terminate())
         # Kept for a post-mortem (the workdir is the test's tmp_path).
         (self.workdir / f"daemon-{self._run_no:03d}.log").write_text("\n".join(d.raw) + "\n")
@@ -228,8 +243,7 @@ class Soak:
     async def _final(self, drain: Path) -> None:
         d, sampler = await self._start(drain)
         try:
-            left = await self._wait_drained(d, empty_store=False,
-                                            timeout=self.plan.drain_timeout_s)
+            left = await self._wait_drained(d, empty_store=False, timeout=self.plan.drain_timeout_s)
             self.report.drain_left = left
         finally:
             self.report.final_rc = await self._end(d, sampler, kill=False)
@@ -287,29 +301,34 @@ class Soak:
                     before = emu.faults.injected["delay"]
                     emu.faults.delay_next(1, TIMEOUT_DELAY_S)
                     name = f"in-flight:{target}"
-                    await emu.wait_for(lambda: emu.faults.injected["delay"] > before,
-                                       timeout=limit)
+                    await emu.wait_for(lambda: emu.faults.injected["delay"] > before, timeout=limit)
                 case "import-running":
                     seen = set(imp.imports)
-                    await imp.wait_for(lambda: any(
-                        j.status in ("validating", "ingesting")
-                        for i, j in imp.imports.items() if i not in seen), timeout=limit)
+                    await imp.wait_for(
+                        lambda: any(
+                            j.status in ("validating", "ingesting")
+                            for i, j in imp.imports.items()
+                            if i not in seen
+                        ),
+                        timeout=limit,
+                    )
                 case "stored-unanswered":
                     before = vanda.status_counts[None]
                     vanda.drop_answer_next(1)
-                    await vanda.wait_for(lambda: vanda.status_counts[None] > before,
-                                         timeout=limit)
+                    await vanda.wait_for(lambda: vanda.status_counts[None] > before, timeout=limit)
         except TimeoutError:
             return f"{name} (timeout)"
         return name
 
     async def _until_drained(self, d: Daemon, *, empty_store: bool) -> str:
-        left = await self._wait_drained(d, empty_store=empty_store,
-                                        timeout=self.plan.drain_timeout_s)
+        left = await self._wait_drained(
+            d, empty_store=empty_store, timeout=self.plan.drain_timeout_s
+        )
         return "drained-store" if not left else f"drained-store (timeout, left {left})"
 
-    async def _wait_drained(self, d: Daemon, *, empty_store: bool,
-                            timeout: float) -> dict[str, int]:
+    async def _wait_drained(
+        self, d: Daemon, *, empty_store: bool, timeout: float
+    ) -> dict[str, int]:
         """Poll /status until the five uplinks have no backlog (and, with ``empty_store``, the
         store pruned every reading). Returns what is left at the deadline (empty: drained)."""
         base = await d.health_url()
@@ -318,8 +337,11 @@ class Soak:
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
             while True:
                 st: dict[str, Any] = (await client.get("/status")).json()
-                left = {n: int(st["uplinks"][n]["backlog"]) for n in UPLINKS
-                        if st["uplinks"][n]["backlog"]}
+                left = {
+                    n: int(st["uplinks"][n]["backlog"])
+                    for n in UPLINKS
+                    if st["uplinks"][n]["backlog"]
+                }
                 if empty_store and st["store"]["readings_stored"]:
                     left["store"] = int(st["store"]["readings_stored"])
                 if not left or time.monotonic() > deadline:
@@ -341,6 +363,8 @@ class Soak:
         r.chaos = Counter(stand.chaos_counts)
         for name, emu in stand.http_emulators.items():
             r.answers[name] = {str(k): v for k, v in emu.status_counts.items()}
-        r.answers["mqtt"] = {"connects": stand.broker.connects,
-                             "broker-starts": stand.mosquitto.starts,
-                             "stored": len(stand.broker.stored)}
+        r.answers["mqtt"] = {
+            "connects": stand.broker.connects,
+            "broker-starts": stand.mosquitto.starts,
+            "stored": len(stand.broker.stored),
+        }

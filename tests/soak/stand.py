@@ -66,8 +66,13 @@ class Stand:
         self.qatium = QatiumEmulator(QATIUM_TOKEN, rate_limit=120, rate_period_s=60)
         self.nilu = NiluEmulator(
             [
-                SensorSchema(sid, {"p0": "double", "p1": "double"}, timestamp="t",
-                             resolution_s=plan.nilu_resolution_s, name=f"soak{sid}")
+                SensorSchema(
+                    sid,
+                    {"p0": "double", "p1": "double"},
+                    timestamp="t",
+                    resolution_s=plan.nilu_resolution_s,
+                    name=f"soak{sid}",
+                )
                 for sid in NILU_SENSORS
             ],
             NILU_TOKEN,
@@ -95,13 +100,25 @@ class Stand:
 
     @property
     def http_emulators(self) -> dict[str, Emulator]:
-        return {"qatium": self.qatium, "nilu": self.nilu, "vanda": self.vanda,
-                "datacooee": self.datacooee, "energydata-import": self.importer}
+        return {
+            "qatium": self.qatium,
+            "nilu": self.nilu,
+            "vanda": self.vanda,
+            "datacooee": self.datacooee,
+            "energydata-import": self.importer,
+        }
 
     @property
     def endpoints(self) -> Endpoints:
-        return Endpoints(self.qatium.url, self.nilu.url, self.vanda.url, self.datacooee.url,
-                         self.broker.port, self.importer.url, self.logger.path)
+        return Endpoints(
+            self.qatium.url,
+            self.nilu.url,
+            self.vanda.url,
+            self.datacooee.url,
+            self.broker.port,
+            self.importer.url,
+            self.logger.path,
+        )
 
     async def __aenter__(self) -> Self:
         stack = self._stack
@@ -109,8 +126,9 @@ class Stand:
             for emu in self.http_emulators.values():
                 await stack.enter_async_context(emu)
             await stack.enter_async_context(self.mosquitto)
-            self.front = EnergydataBroker(("127.0.0.1", self.mosquitto.port),
-                                          tokens={ENERGYDATA_TOKEN: ["#"]})
+            self.front = EnergydataBroker(
+                ("127.0.0.1", self.mosquitto.port), tokens={ENERGYDATA_TOKEN: ["#"]}
+            )
             await stack.enter_async_context(self.front)
             await stack.enter_async_context(self.logger)
             self.logger.start_task(self._feed_logger(), "soak:river-logger")
@@ -179,8 +197,13 @@ class Stand:
     def _actions(self) -> dict[str, Callable[[], Awaitable[None]]]:
         rng = self.rng
         out: dict[str, Callable[[], Awaitable[None]]] = {}
-        prefixes = {"qatium": "/ingest", "nilu": "/api/sensors", "vanda": "/api/measurements",
-                    "datacooee": "/api/external", "energydata-import": "/api/v1/import"}
+        prefixes = {
+            "qatium": "/ingest",
+            "nilu": "/api/sensors",
+            "vanda": "/api/measurements",
+            "datacooee": "/api/external",
+            "energydata-import": "/api/v1/import",
+        }
         for name, emu in self.http_emulators.items():
             prefix = prefixes[name]
 
@@ -196,8 +219,12 @@ class Stand:
             async def drop(emu: Emulator = emu, prefix: str = prefix) -> None:
                 emu.faults.drop_next(1, prefix=prefix)
 
-            out |= {f"{name}:5xx": fail, f"{name}:429": throttle, f"{name}:timeout": timeout,
-                    f"{name}:drop": drop}
+            out |= {
+                f"{name}:5xx": fail,
+                f"{name}:429": throttle,
+                f"{name}:timeout": timeout,
+                f"{name}:drop": drop,
+            }
 
         async def token_endpoint_down() -> None:
             self.vanda.faults.fail_next(rng.randint(1, 2), 503, prefix="/runtime")
@@ -222,7 +249,11 @@ class Stand:
             finally:
                 self.broker.release()
 
-        out |= {"vanda:token-503": token_endpoint_down, "vanda:tokens-expired": tokens_expire,
-                "vanda:stored-unanswered": stored_unanswered,
-                "broker:restart": broker_restart, "broker:stall": broker_stall}
+        out |= {
+            "vanda:token-503": token_endpoint_down,
+            "vanda:tokens-expired": tokens_expire,
+            "vanda:stored-unanswered": stored_unanswered,
+            "broker:restart": broker_restart,
+            "broker:stall": broker_stall,
+        }
         return out

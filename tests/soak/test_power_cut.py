@@ -69,7 +69,7 @@ def wal_frames(wal: Path) -> tuple[int, int]:
     committed = pending = 0
     off = 32
     while off + 24 <= len(data):
-        header = data[off:off + 24]
+        header = data[off : off + 24]
         if header[8:16] != salt:
             break  # a frame of an earlier generation: the log ends here
         if off + size > len(data):
@@ -182,8 +182,10 @@ async def test_sigkill_mid_commit_loses_no_committed_reading(
         assert torn == 0, f"cycle {cycle}: {torn} ticks committed in part"
         assert count >= before, f"cycle {cycle}: {before - count} committed readings gone"
         before = count
-    print(f"power cut: {kills} kills, {mid_commit} while a transaction was half-written "
-          f"(WAL frames after the last commit frame), {before} readings kept whole")
+    print(
+        f"power cut: {kills} kills, {mid_commit} while a transaction was half-written "
+        f"(WAL frames after the last commit frame), {before} readings kept whole"
+    )
     # The point of the test: kills that cut a transaction off half-written.
     assert mid_commit >= 1
 
@@ -209,6 +211,7 @@ async def _readings_committed(db: Path, *, above: int) -> int:
 async def _wal_written(wal: Path, *, times: int) -> None:
     """Return once the WAL's modification time has changed ``times`` times (polled: the file
     is the only witness of a write in progress in another process)."""
+
     def stamp() -> int:
         try:
             return wal.stat().st_mtime_ns

@@ -27,6 +27,5 @@ async def test_soak_kill_9_at_random_moments_loses_nothing(tmp_path: Path) -> No
     assert report.captured > 10_000, report.format()
     assert report.lost == 0, report.format()
     assert report.mismatched == 0, report.format()
-    assert all(u.dead_letters == 0 and u.unexpected == 0 for u in report.uplinks), \
-        report.format()
+    assert all(u.dead_letters == 0 and u.unexpected == 0 for u in report.uplinks), report.format()
     assert report.log_errors.get("store_moved_aside", 0) == 0, report.format()

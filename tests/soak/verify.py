@@ -27,9 +27,9 @@ from typing import Any
 
 from gateway.configbase import StoreConfig
 from gateway.store import Store
-from gateway.uplinks.datacooee import iso_ms
-from gateway.uplinks.qatium import iso_time
-from gateway.uplinks.vanda_tables import EXAMINATION_TYPES, format_minute, round_result
+from gateway.uplinks.datacooee.uplink import iso_ms
+from gateway.uplinks.qatium.uplink import iso_time
+from gateway.uplinks.vanda.tables import EXAMINATION_TYPES, format_minute, round_result
 
 from .soakconfig import LOGGER_SLOT_S, VANDA_EXAMINATION, SoakPlan
 from .stand import Stand
@@ -43,6 +43,7 @@ CREATE TRIGGER IF NOT EXISTS soak_capture AFTER INSERT ON readings BEGIN
                                                               NEW.value);
 END;
 """
+
 
 async def prepare_store(db: Path, routes: Mapping[str, Iterable[str]]) -> None:
     """Create the store as the gateway would (schema, one cursor per uplink), then add the
@@ -118,8 +119,14 @@ class UplinkResult:
     mismatch_examples: list[str] = field(default_factory=list)
 
 
-def _compare(result: UplinkResult, want: Mapping[Any, Any], got: Mapping[Any, Any],
-             deliveries: int, *, exact: bool = True) -> UplinkResult:
+def _compare(
+    result: UplinkResult,
+    want: Mapping[Any, Any],
+    got: Mapping[Any, Any],
+    deliveries: int,
+    *,
+    exact: bool = True,
+) -> UplinkResult:
     result.expected = len(want)
     result.delivered = sum(1 for k in want if k in got)
     result.duplicates = deliveries - len(got)
@@ -219,20 +226,22 @@ def _vanda(plan: SoakPlan, stand: Stand, captured: Captured) -> UplinkResult:
     routes = plan.vanda_routes()
     decimals = EXAMINATION_TYPES[VANDA_EXAMINATION].decimals
     want: dict[tuple[int, str], Any] = {}
-    for (series, start), value in _last_per_window(captured, routes,
-                                                   LOGGER_SLOT_S * 1000).items():
+    for (series, start), value in _last_per_window(captured, routes, LOGGER_SLOT_S * 1000).items():
         want[(routes[series], format_minute(start))] = round_result(value, decimals)
-    got = {(m.measurement_point_number, m.measurement_date_time): m.result
-           for m in stand.vanda.measurements}
+    got = {
+        (m.measurement_point_number, m.measurement_date_time): m.result
+        for m in stand.vanda.measurements
+    }
     deliveries = len(got) + stand.vanda.actions["ignored"]
     return _compare(UplinkResult("vanda", "windows"), want, got, deliveries)
 
 
 def _datacooee(plan: SoakPlan, stand: Stand, captured: Captured) -> UplinkResult:
     routes = plan.datacooee_routes()
-    want = {(routes[s], iso_ms(ts)): float(v) for (s, ts), (v, _) in captured.readings.items()
-            if s in routes}
+    want = {
+        (routes[s], iso_ms(ts)): float(v)
+        for (s, ts), (v, _) in captured.readings.items()
+        if s in routes
+    }
     got = {(r.input_pk, r.timestamp): float(r.value) for r in stand.datacooee.accepted}
-    return _compare(UplinkResult("datacooee", "readings"), want, got,
-                    len(stand.datacooee.accepted))
-
+    return _compare(UplinkResult("datacooee", "readings"), want, got, len(stand.datacooee.accepted))

@@ -1,0 +1,1 @@
+"""Synthetic source (the demo): config.py (the model), source.py (the plugin)."""

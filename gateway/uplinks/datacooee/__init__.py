@@ -1,0 +1,1 @@
+"""Datacooee (HTTP JSON:API): config.py (the model), uplink.py (the plugin)."""

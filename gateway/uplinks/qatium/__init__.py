@@ -1,0 +1,1 @@
+"""Qatium Ingest (HTTP): config.py (the model), uplink.py (the plugin)."""
