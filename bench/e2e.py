@@ -3,7 +3,8 @@
     .venv/bin/python bench/e2e.py run [--gateway fieldgate|peer|both] [--units 200]
         [--registers 125] [--interval 1.0] [--seconds 300] [--warmup 10] [--out FILE.json]
     .venv/bin/python bench/e2e.py idle [--gateway ...]        # RSS with one device, one uplink
-    .venv/bin/python bench/e2e.py outage [--gateway ...] [--down 30] [--kill]
+    .venv/bin/python bench/e2e.py outage [--gateway ...] [--down 30] [--outages 1] [--up S]
+        [--kill]                                              # broker down, then back
     .venv/bin/python bench/e2e.py suite [--seconds 300]      # everything BENCHMARKS.md reports
 
 Every run starts its own parts, all on loopback:
@@ -583,55 +584,108 @@ async def scenario_idle(which: str, args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
+def first_delivery_median(each: Sequence[float | None]) -> float | None:
+    """The median first delivery over outages; an outage with none before the next one counts
+    as later than all the others (None when that is where the median falls)."""
+    if not each:
+        return None
+    s = sorted(float("inf") if x is None else x for x in each)
+    mid = len(s) // 2
+    m = s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+    return None if m == float("inf") else round(m, 3)
+
+
+def outage_figures(
+    whole: dict[str, list[list[int]]], down_ms: int, up_ms: int, until_ms: int | None
+) -> dict[str, float | None]:
+    """One outage's reconnect and catch-up, seen from the subscriber (arrival times, ms).
+
+    First delivery: the first poll taken after the broker went down (so never a copy of an
+    older message the broker redelivers from its saved queue) that arrived after the broker was
+    back, before the next outage. Caught up: the last poll taken during the outage arrived
+    (when that was only after the next outage, its figure includes that outage).
+    """
+    end = until_ms if until_ms is not None else 1 << 62
+    polls = [(ts, at) for v in whole.values() for _c, ts, at in v]
+    after = [at for ts, at in polls if ts >= down_ms and up_ms <= at < end]
+    during = [at for ts, at in polls if down_ms <= ts < up_ms]
+    first = round((min(after) - up_ms) / 1000, 2) if after else None
+    caught = round((max(during) - up_ms) / 1000, 2) if during else None
+    return {
+        "first_delivery_after_broker_up_s": first,
+        "caught_up_s": caught,
+        "caught_up_after_reconnect_s": (
+            round(caught - first, 2) if caught is not None and first is not None else None
+        ),
+    }
+
+
 async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``--outages N`` broker outages of ``--down`` s each, ``--up`` s apart (default: as long
+    as the outage): the first delivery after each return, and their median."""
     extra = commit_override(args)
+    outages = max(1, args.outages)
+    if args.kill and outages > 1:
+        raise SystemExit("--kill takes one outage (--outages 1)")
+    up_s = args.up if args.up is not None else args.down
     async with rig(which, args, **extra) as r:
         sampler = start_gateway(r)
         await asyncio.sleep(args.warmup)
-        await r.broker.stop()  # SIGTERM: it saves the subscriber's session; clients just lose it
-        down_at = time.time()
         durable: dict[int, int] = {}
-        if args.kill:
-            await asyncio.sleep(args.down / 2)  # the outage, half way
-            r.gw.kill()
-            if isinstance(r.gw, Fieldgate):
-                durable = r.gw.durable_counters()
-            await sampler.stop()
-            sampler = start_gateway(r)
-            await asyncio.sleep(args.down / 2)
-        else:
-            await asyncio.sleep(args.down)  # the outage
-        await r.broker.start()
-        up_at = time.time()
-        up_ms = int(up_at * 1000)
-        await asyncio.sleep(args.down)  # catching up, then live again
+        spans: list[tuple[float, float]] = []  # (down, up) wall times
+        for i in range(outages):
+            await r.broker.stop()  # SIGTERM: it saves the subscriber's session; clients lose it
+            down_at = time.time()
+            if args.kill:
+                await asyncio.sleep(args.down / 2)  # the outage, half way
+                r.gw.kill()
+                if isinstance(r.gw, Fieldgate):
+                    durable = r.gw.durable_counters()
+                await sampler.stop()
+                sampler = start_gateway(r)
+                await asyncio.sleep(args.down / 2)
+            else:
+                await asyncio.sleep(args.down)  # the outage
+            await r.broker.start()
+            spans.append((down_at, time.time()))
+            # Catching up, then live again, until the next outage (the last: as long as one).
+            await asyncio.sleep(up_s if i + 1 < outages else max(up_s, args.down))
         polls = r.sim.hush()
         # A gateway may still be waiting out its reconnect backoff: allow it a long silence.
         st = await drain(r, sum(polls.values()) * r.registers, quiet_s=60.0)
         await sampler.stop()
         acct = account(r, polls, st)
-        # Caught up: the last poll stamped before the reconnect that arrived, after it.
-        before = [at for v in acct["_whole"].values() for _c, ts, at in v if ts < up_ms]
-        caught_up_s = round((max(before) - up_ms) / 1000, 2) if before else None
-        # The gateway's reconnect, seen from outside: the first arrival after the broker is back.
-        after = [at for v in acct["_whole"].values() for _c, _ts, at in v if at >= up_ms]
-        reconnect_s = round((min(after) - up_ms) / 1000, 2) if after else None
+        each = []
+        for i, (down_at, up_at) in enumerate(spans):
+            nxt = int(spans[i + 1][0] * 1000) if i + 1 < len(spans) else None
+            each.append(
+                {
+                    "down_s": round(up_at - down_at, 1),
+                    **outage_figures(acct["_whole"], int(down_at * 1000), int(up_at * 1000), nxt),
+                }
+            )
+        each_first = [e["first_delivery_after_broker_up_s"] for e in each]
+        firsts = [float(x) for x in each_first if x is not None]
+        down_s = spans[0][1] - spans[0][0]
         out: dict[str, Any] = {
             "gateway": which,
             "units": len(r.units),
             "registers": r.registers,
             "interval_s": r.interval,
-            "down_s": round(up_at - down_at, 1),
+            "down_s": round(down_s, 1),
+            "outages": outages,
+            "up_between_s": up_s,
             "killed": args.kill,
             **({"commit_interval_ms": args.commit_ms} if extra else {}),
-            "backlog_points": round((up_at - down_at) * len(r.units) * r.registers / r.interval),
-            "caught_up_s": caught_up_s,
-            "first_delivery_after_broker_up_s": reconnect_s,
-            "caught_up_after_reconnect_s": (
-                round(caught_up_s - reconnect_s, 2)
-                if caught_up_s is not None and reconnect_s is not None
-                else None
-            ),
+            "backlog_points": round(down_s * len(r.units) * r.registers / r.interval),
+            # The first outage's figures under the names earlier runs used.
+            **{k: each[0][k] for k in ("caught_up_s", "first_delivery_after_broker_up_s")},
+            "caught_up_after_reconnect_s": each[0]["caught_up_after_reconnect_s"],
+            "first_delivery_s_each": each_first,
+            "first_delivery_s_median": first_delivery_median(each_first),
+            "first_delivery_s_max": max(firsts) if firsts else None,
+            "outages_without_delivery": len(each) - len(firsts),
+            "caught_up_after_reconnect_s_each": [e["caught_up_after_reconnect_s"] for e in each],
             "rss_mib_max": round(max(sampler.rss), 1) if sampler.rss else None,
             **acct,
         }
@@ -667,7 +721,9 @@ async def scenario_suite(which: str, args: argparse.Namespace) -> dict[str, Any]
             which, with_(units=200, interval=1.0, commit_ms=args.latency_commit_ms)
         )
     out["outage"] = await scenario_outage(which, with_(units=200, interval=1.0, kill=False))
-    out["outage_kill"] = await scenario_outage(which, with_(units=200, interval=1.0, kill=True))
+    out["outage_kill"] = await scenario_outage(
+        which, with_(units=200, interval=1.0, kill=True, outages=1)
+    )
     for v in out.values():
         if isinstance(v, dict):
             v.pop("_whole", None)
@@ -705,7 +761,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--warmup", type=float, default=10.0)
-    ap.add_argument("--down", type=float, default=30.0)
+    ap.add_argument("--down", type=float, default=30.0, help="outage: seconds the broker is down")
+    ap.add_argument(
+        "--outages", type=int, default=1, help="outage: how many outages, one after the other"
+    )
+    ap.add_argument(
+        "--up",
+        type=float,
+        default=None,
+        help="outage: seconds the broker stays up after each outage (default: --down)",
+    )
     ap.add_argument("--kill", action="store_true")
     ap.add_argument("--health", action="store_true", help="idle: fieldgate with /health on")
     ap.add_argument("--commit-ms", type=int, default=None)

@@ -3,9 +3,12 @@
 =================================  ==========================================================
 ``fieldgate run [-c FILE]``        run the gateway (default /etc/fieldgate/fieldgate.toml)
 ``fieldgate demo``                 simulated devices + local stand-ins of the services, offline
-``fieldgate check-config FILE``    validate; every error as ``toml.path (line N) -> message``
+``fieldgate check-config FILE``    validate; every error as ``toml.path (line N) -> message``;
+                                   a systemd credential outside the unit is a note
+                                   (``--strict``: every secret must resolve)
 ``fieldgate check-uplink NAME``    prove an uplink's mapping and token without storing (NILU)
 ``fieldgate queue [-c FILE]``      backlog per uplink, oldest pending age, dead letters
+                                   (``queue`` and ``dead-letters`` resolve no secret)
 ``fieldgate dead-letters list|replay UPLINK [-c FILE]``   inspect or requeue dead letters
 =================================  ==========================================================
 
@@ -28,7 +31,13 @@ from typing import Any
 
 import structlog
 
-from gateway.config import DEFAULT_CONFIG_PATH, EX_CONFIG, LoadedConfig, load_config
+from gateway.config import (
+    DEFAULT_CONFIG_PATH,
+    EX_CONFIG,
+    LoadedConfig,
+    SecretMode,
+    load_config,
+)
 from gateway.errors import ConfigError, FieldgateError, StoreUnusable
 
 #: The store cannot be used as it is (another fieldgate holds it, permissions, read-only disk):
@@ -40,9 +49,9 @@ def _config_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("FIELDGATE_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
-def _load(path: Path) -> LoadedConfig:
+def _load(path: Path, secrets: SecretMode = "all") -> LoadedConfig:
     try:
-        return load_config(path)
+        return load_config(path, secrets=secrets)
     except ConfigError as exc:
         print(f"{exc.source or path}: configuration is invalid:", file=sys.stderr)
         for tpath, msg in exc.problems:
@@ -74,11 +83,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate everything this process can. Outside the unit a systemd credential cannot be
+    read ($CREDENTIALS_DIRECTORY is set by systemd for the service alone): it is listed as a
+    note, not an error, unless ``--strict`` (CI pipelines that have every secret)."""
     path = _config_path(args.file)
-    loaded = _load(path)
+    loaded = _load(path, "all" if args.strict else "available")
     s = loaded.settings
     for w in loaded.warnings:
         print(f"warning: {w}")
+    for n in loaded.notes:
+        print(f"note: {n}")
     print(f"{path}: ok ({len(s.sources)} sources, {len(s.uplinks)} uplinks)")
     if args.probe:
         return asyncio.run(_probe(loaded))
@@ -105,12 +119,14 @@ async def _probe(loaded: LoadedConfig) -> int:
     positions = PositionBoard()
     failures: list[str] = []
     plugins: list[tuple[str, str, Source | Uplink]] = [
-        *(
-            (s.name, s.type, build_source(s, base_dir=base, positions=positions))
-            for s in loaded.settings.sources
-        ),
-        *((u.name, u.type, build_uplink(u)) for u in loaded.settings.uplinks),
+        (s.name, s.type, build_source(s, base_dir=base, positions=positions))
+        for s in loaded.settings.sources
     ]
+    for u in loaded.settings.uplinks:
+        try:
+            plugins.append((u.name, u.type, build_uplink(u)))
+        except LookupError as exc:  # a credential only the service can read (see the notes)
+            print(f"{u.name}: not probed: {exc}")
     for name, kind, plugin in plugins:
         try:
             if not isinstance(plugin, Probes):
@@ -178,7 +194,7 @@ def _open_store_readonly(loaded: LoadedConfig) -> Any:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    loaded = _load(_config_path(args.config))
+    loaded = _load(_config_path(args.config), "none")  # reads the store: needs no secret
 
     async def go() -> dict[str, Any]:
         store = await _open_store_readonly(loaded)
@@ -222,7 +238,7 @@ def _age(seconds: float) -> str:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    loaded = _load(_config_path(args.config))
+    loaded = _load(_config_path(args.config), "none")  # reads the store: needs no secret
     try:
         loaded.settings.uplink(args.uplink)
     except ConfigError as exc:
@@ -234,7 +250,10 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         store = await _open_store_readonly(loaded)
         try:
             if args.action == "list":
-                for d in await store.dead_letters(args.uplink, limit=args.limit):
+                letters = await store.dead_letters(args.uplink, limit=args.limit)
+                if not letters:
+                    print(f"no dead letters of {args.uplink} in {loaded.settings.store.path}")
+                for d in letters:
                     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d["ts"] / 1000))
                     print(f"{d['id']:>8} {d['series']:<24} {when} {d['value']!r:<12} {d['reason']}")
                 return 0
@@ -250,39 +269,71 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line. Every subcommand, option and argument has help text (a test walks it)."""
     p = argparse.ArgumentParser(prog="fieldgate", description="Edge gateway for field loggers.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND -h: its help)"
+    )
+    config_help = f"TOML config file (default: $FIELDGATE_CONFIG, else {DEFAULT_CONFIG_PATH})"
 
-    r = sub.add_parser("run", help="run the gateway")
-    r.add_argument("-c", "--config", help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
+    r = sub.add_parser("run", help="run the gateway (the systemd unit's ExecStart)")
+    r.add_argument("-c", "--config", help=config_help)
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="run everything locally: simulated devices, emulated services")
     d.add_argument("--state-dir", help="where the demo keeps its database (default: a temp dir)")
-    d.add_argument("--health-port", type=int, default=8080)
+    d.add_argument(
+        "--health-port",
+        type=int,
+        help="port of /health, /status, /metrics (default: $FIELDGATE_HEALTH__PORT, else 8080 "
+        "or a free port when 8080 is taken)",
+    )
     d.add_argument("--duration", type=float, help="stop after this many seconds")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("check-config", help="validate a config file")
-    c.add_argument("file", nargs="?")
-    c.add_argument("--probe", action="store_true", help="also read each device once")
+    c = sub.add_parser(
+        "check-config",
+        help="validate a config file: every problem as toml.path (line N) -> message; exit 78",
+    )
+    c.add_argument("file", nargs="?", help=config_help)
+    c.add_argument(
+        "--probe",
+        action="store_true",
+        help="also read each Modbus device once and compare Vanda's examination table; "
+        "exit 1 listing each that failed",
+    )
+    c.add_argument(
+        "--strict",
+        action="store_true",
+        help="every secret reference must resolve, systemd credentials too (for CI pipelines "
+        "that have the secrets); without it a credential outside the unit is a note",
+    )
     c.set_defaults(func=cmd_check_config)
 
     cu = sub.add_parser("check-uplink", help="prove an uplink's mapping and token (NILU pushtest)")
-    cu.add_argument("uplink")
-    cu.add_argument("-c", "--config")
+    cu.add_argument("uplink", help="the uplink's name in the config")
+    cu.add_argument("-c", "--config", help=config_help)
     cu.set_defaults(func=cmd_check_uplink)
 
-    q = sub.add_parser("queue", help="backlog per uplink")
-    q.add_argument("-c", "--config")
-    q.add_argument("--json", action="store_true")
+    q = sub.add_parser(
+        "queue", help="backlog per uplink, oldest pending age, dead letters (needs no secret)"
+    )
+    q.add_argument("-c", "--config", help=config_help)
+    q.add_argument("--json", action="store_true", help="print the figures as JSON")
     q.set_defaults(func=cmd_queue)
 
-    dl = sub.add_parser("dead-letters", help="list or replay dead letters")
-    dl.add_argument("action", choices=["list", "replay"])
-    dl.add_argument("uplink")
-    dl.add_argument("-c", "--config")
-    dl.add_argument("--limit", type=int, default=100)
+    dl = sub.add_parser(
+        "dead-letters", help="list or replay what a service refused (needs no secret)"
+    )
+    dl.add_argument(
+        "action",
+        choices=["list", "replay"],
+        help="list: show them with the service's reason; replay: requeue them (the running "
+        "gateway sends them next)",
+    )
+    dl.add_argument("uplink", help="the uplink's name in the config")
+    dl.add_argument("-c", "--config", help=config_help)
+    dl.add_argument("--limit", type=int, default=100, help="list at most this many (default 100)")
     dl.set_defaults(func=cmd_dead_letters)
     return p
 

@@ -13,7 +13,18 @@ inline table naming where the value lives::
     token = { value = "...", plain_text = true }   # discouraged: a warning is logged
 
 Values are resolved when the file is loaded (a missing file or variable is a config error), wrapped
-in :class:`Secret` (whose repr and str are masked) and registered with the log redaction net.
+in :class:`Secret` (whose repr and str are masked), registered with the log redaction net and bound
+to their reference (``SecretRef.secret()``, where the registries get them). How much is resolved is
+the caller's choice (:data:`SecretMode`): ``fieldgate run`` resolves everything; ``check-config``
+outside the unit leaves systemd credentials to the service (a note, not an error; ``--strict``
+resolves them too); ``queue`` and ``dead-letters`` read only the store and resolve nothing.
+
+Environment variables ``FIELDGATE_<SECTION>__<KEY>`` override the file. Each is checked against
+the models: an unknown section or key is an error naming the variable, and so is a bad value
+(``FIELDGATE_HEALTH__PORT=abc -> ...``, not a line of the file it replaced).
+
+Problems name both places where two things collide (a repeated source or uplink name gives the
+line of each), and a missing or unknown ``type`` lists the types there are.
 
 Each plugin family keeps its config model in its own folder's ``config.py`` (e.g.
 ``gateway/uplinks/vanda/config.py``); the ``type`` field is the discriminator and the unions below
@@ -23,11 +34,13 @@ pydantic: a test proves ``import gateway.config`` loads none of httpx, aiomqtt, 
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 from pydantic import (
     BaseModel,
@@ -35,7 +48,13 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_core import PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from gateway.configbase import (  # re-exported: the config API in one place
     KNOWN_SECRETS,
@@ -51,6 +70,7 @@ from gateway.configbase import (  # re-exported: the config API in one place
     StoreConfig,
     Strict,
     UplinkConfigBase,
+    mask_secrets,
     world_readable,
 )
 from gateway.errors import ConfigError
@@ -74,6 +94,7 @@ __all__ = [
     "PositionConfig",
     "RouteBase",
     "Secret",
+    "SecretMode",
     "SecretRef",
     "Settings",
     "SourceConfig",
@@ -144,10 +165,21 @@ class Settings(BaseSettings):
     @field_validator("sources", "uplinks")
     @classmethod
     def _unique_names(cls, items: list[Any]) -> list[Any]:
-        names = [i.name for i in items]
-        dups = sorted({n for n in names if names.count(n) > 1})
-        if dups:
-            raise ValueError(f"names must be unique, repeated: {', '.join(dups)}")
+        first: dict[str, int] = {}
+        repeats: list[tuple[int, int]] = []  # (index of a repeat, index of the first)
+        for i, item in enumerate(items):
+            if item.name in first:
+                repeats.append((i, first[item.name]))
+            else:
+                first[item.name] = i
+        if repeats:
+            names = ", ".join(sorted({items[i].name for i, _ in repeats}))
+            # The loader shows each repeat with both lines (_problem); the ctx says where.
+            raise PydanticCustomError(
+                "duplicate_name",
+                "names must be unique, repeated: {names}",
+                {"names": names, "repeats": repeats},
+            )
         return items
 
     def uplink(self, name: str) -> Any:
@@ -172,6 +204,21 @@ class Settings(BaseSettings):
 # Loading and error reporting
 
 
+#: How much of the secrets a load resolves (``load_config(..., secrets=)``):
+#:
+#: * ``"all"``: every reference must resolve (``fieldgate run``, ``check-uplink``,
+#:   ``check-config --strict``). A reference that cannot is a config error naming its key.
+#: * ``"available"``: what this process can resolve (``check-config``). A systemd credential
+#:   while ``$CREDENTIALS_DIRECTORY`` is unset (outside the unit, which alone sets it) is left
+#:   to the service and listed in :attr:`LoadedConfig.notes`; env, file and plain values must
+#:   resolve as with ``"all"``.
+#: * ``"none"``: nothing is resolved (``queue``, ``dead-letters``: they read only the store).
+#:
+#: A reference left unresolved stays unbound: its :meth:`SecretRef.secret` raises LookupError
+#: naming the place, so no plugin can be built from it by mistake.
+SecretMode = Literal["all", "available", "none"]
+
+
 class LoadedConfig:
     """A validated config plus what was resolved while loading it."""
 
@@ -181,18 +228,21 @@ class LoadedConfig:
         path: Path | None,
         secrets: Mapping[str, Secret],
         warnings: list[str],
+        notes: list[str] | None = None,
     ) -> None:
         self.settings = settings
         self.path = path
         #: Resolved secrets keyed by TOML path (``uplinks[0].token``).
         self.secrets = dict(secrets)
         self.warnings = warnings
+        #: References left for the service to resolve (``secrets="available"``), one line each.
+        self.notes = list(notes or [])
 
     def secret(self, path: str) -> Secret:
         return self.secrets[path]
 
 
-def load_config(path: Path | str) -> LoadedConfig:
+def load_config(path: Path | str, *, secrets: SecretMode = "all") -> LoadedConfig:
     """Read, parse and validate a TOML file. Raises ConfigError listing every problem."""
     path = Path(path)
     try:
@@ -201,10 +251,12 @@ def load_config(path: Path | str) -> LoadedConfig:
         raise ConfigError([("", f"config file {path} does not exist")], str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([("", f"config file {path} cannot be read: {exc}")], str(path)) from None
-    return load_config_text(text, path)
+    return load_config_text(text, path, secrets=secrets)
 
 
-def load_config_text(text: str, path: Path | None = None) -> LoadedConfig:
+def load_config_text(
+    text: str, path: Path | None = None, *, secrets: SecretMode = "all"
+) -> LoadedConfig:
     where = str(path) if path else "<config>"
     try:
         data = tomllib.loads(text)
@@ -212,24 +264,131 @@ def load_config_text(text: str, path: Path | None = None) -> LoadedConfig:
         raise ConfigError([("", f"TOML syntax error: {exc}")], where) from None
     except RecursionError:  # tomllib recurses once per nesting level
         raise ConfigError([("", "TOML nesting too deep")], where) from None
+    overrides = _env_overrides(data, os.environ)
+    env_problems = [(o.shown, o.problem) for o in overrides if o.problem is not None]
     # Relative device-profile paths resolve against the config file's directory.
     token = PROFILE_BASE_DIR.set(path.parent if path is not None else None)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError([_problem(err, data, text) for err in exc.errors()], where) from None
+        found = [p for err in exc.errors() for p in _problem(err, data, text, overrides)]
+        raise ConfigError(env_problems + found, where) from None
+    except SettingsError as exc:  # an override pydantic-settings could not even decode
+        raise ConfigError(env_problems or [("", f"environment overrides: {exc}")], where) from None
     finally:
         PROFILE_BASE_DIR.reset(token)
 
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = list(env_problems)
     warnings: list[str] = []
-    secrets = _resolve_secrets(settings, text, problems, warnings)
+    notes: list[str] = []
+    resolved = _resolve_secrets(
+        settings, text, mode=secrets, problems=problems, warnings=warnings, notes=notes
+    )
     problems.extend(_cross_checks(settings, text, warnings))
     if problems:
         raise ConfigError(problems, where)
-    if path is not None and secrets and world_readable(path) and _has_plain_secret(settings):
+    if path is not None and world_readable(path) and _has_plain_secret(settings):
         warnings.append(f"{path} holds a plain-text secret and is readable by other users")
-    return LoadedConfig(settings, path, secrets, warnings)
+    return LoadedConfig(settings, path, resolved, warnings, notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment overrides
+
+ENV_PREFIX = "FIELDGATE_"
+
+
+class _Override(NamedTuple):
+    """One ``FIELDGATE_*`` variable that overrides (or tries to override) a config value."""
+
+    var: str
+    value: str
+    #: The config path it sets, as pydantic-settings reads it (lower case), e.g. (health, port).
+    path: tuple[str, ...]
+    #: Why it is not a valid override (None: it is one).
+    problem: str | None = None
+
+    @property
+    def shown(self) -> str:
+        value = mask_secrets(self.value)
+        return f"{self.var}={value if len(value) <= 40 else value[:37] + '...'}"
+
+
+def _env_overrides(data: Mapping[str, Any], environ: Mapping[str, str]) -> list[_Override]:
+    """Every ``FIELDGATE_<SECTION>__<KEY>`` variable, checked against the config's models.
+
+    A variable with ``__`` in its name, or named after a section (a whole section as JSON), is
+    an override and must name a key that exists. A single ``_`` after a section's name is the
+    usual typo for ``__`` and is reported. Other ``FIELDGATE_*`` variables (``FIELDGATE_CONFIG``,
+    a secret's ``{ env = ... }``) are not overrides and are left alone, like pydantic-settings
+    does.
+    """
+    referenced = set(_env_secret_names(data))
+    sections = Settings.model_fields
+    out: list[_Override] = []
+    for var, value in sorted(environ.items()):
+        if not var.upper().startswith(ENV_PREFIX) or var in referenced:
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        parts = tuple(rest.split("__"))
+        if len(parts) == 1 and rest not in sections:
+            typo = next((s for s in sections if rest.startswith(f"{s}_")), None)
+            if typo is not None:
+                key = rest[len(typo) + 1 :].upper()
+                out.append(
+                    _Override(
+                        var,
+                        value,
+                        parts,
+                        "not an override: a section and its key are separated by two "
+                        f"underscores ({ENV_PREFIX}{typo.upper()}__{key})",
+                    )
+                )
+            continue
+        out.append(_Override(var, value, parts, _override_problem(parts, value)))
+    return out
+
+
+def _override_problem(parts: tuple[str, ...], value: str) -> str | None:
+    model: type[BaseModel] = Settings
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = "the config" if i == 0 else f"[{'.'.join(parts[:i])}]"
+            return f"unknown override: {where} has no key {part!r} (known: {', '.join(fields)})"
+        ann = fields[part].annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if i < len(parts) - 1 and sub is None:
+            return f"unknown override: {'.'.join(parts[: i + 1])} has no keys of its own"
+        if sub is not None:
+            model = sub
+    ann = model.model_fields[parts[-1]].annotation if len(parts) > 1 else None
+    complex_ = len(parts) == 1 or (isinstance(ann, type) and issubclass(ann, BaseModel))
+    if complex_:
+        try:
+            json.loads(value)
+        except ValueError:
+            return (
+                f"not JSON: {'.'.join(parts)} as a whole is given as JSON; one key as "
+                f"{ENV_PREFIX}{parts[0].upper()}__<KEY>"
+            )
+    return None
+
+
+def _env_secret_names(obj: Any) -> Iterable[str]:
+    """The variables the file's ``{ env = "..." }`` secret references name."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get("env"), str):
+            yield obj["env"]
+        for v in obj.values():
+            yield from _env_secret_names(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _env_secret_names(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Secrets and cross-checks
 
 
 def _walk_secret_refs(obj: Any, prefix: str) -> Iterable[tuple[str, SecretRef]]:
@@ -248,25 +407,56 @@ def _has_plain_secret(settings: Settings) -> bool:
 
 
 def _resolve_secrets(
-    settings: Settings, text: str, problems: list[tuple[str, str]], warnings: list[str]
+    settings: Settings,
+    text: str,
+    *,
+    mode: SecretMode,
+    problems: list[tuple[str, str]],
+    warnings: list[str],
+    notes: list[str],
 ) -> dict[str, Secret]:
     out: dict[str, Secret] = {}
     for tpath, ref in _walk_secret_refs(settings, ""):
+        if ref.value is not None:
+            warnings.append(f"{tpath}: secret kept in plain text in the config file")
+        if mode == "none":
+            ref.defer(f"{tpath} is not resolved by a command that reads only the store")
+            continue
+        if (
+            mode == "available"
+            and ref.credential is not None
+            and not os.environ.get("CREDENTIALS_DIRECTORY")
+        ):
+            note = (
+                f"{tpath}: systemd credential {ref.credential!r} is resolved by the service "
+                "(LoadCredential=)"
+            )
+            notes.append(note)
+            ref.defer(f"{note}; $CREDENTIALS_DIRECTORY is not set in this process")
+            continue
         try:
             out[tpath] = ref.resolve()
             ref.bind(out[tpath])
         except ValueError as exc:
             problems.append((_with_line(tpath, text), str(exc)))
             continue
-        if ref.value is not None:
-            warnings.append(f"{tpath}: secret kept in plain text in the config file")
-        elif ref.file is not None and world_readable(ref.file):
+        if ref.file is not None and world_readable(ref.file):
             warnings.append(f"{tpath}: secret file {ref.file} is readable by other users")
     return out
 
 
 def _cross_checks(settings: Settings, text: str, warnings: list[str]) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
+    if not any(s.enabled for s in settings.sources):
+        none = "no enabled sources" if settings.sources else "no sources"
+        warnings.append(f"{none}: the gateway will only deliver what the store already holds")
+    if not any(u.enabled for u in settings.uplinks):
+        none = "no enabled uplinks" if settings.uplinks else "no uplinks"
+        warnings.append(
+            f"{none}: the store keeps every reading (capture only, up to [store] quota_bytes "
+            "and retention_days); an uplink configured later starts with what is captured "
+            "from then on"
+        )
     gps = {s.name for s in settings.sources if isinstance(s, NmeaConfig)}
     for si, src in enumerate(settings.sources):
         if src.position_from is not None and src.position_from not in gps:
@@ -299,36 +489,88 @@ def _cross_checks(settings: Settings, text: str, warnings: list[str]) -> list[tu
     return problems
 
 
-def _problem(err: Mapping[str, Any], data: Mapping[str, Any], text: str) -> tuple[str, str]:
+def _problem(
+    err: Mapping[str, Any], data: Mapping[str, Any], text: str, overrides: list[_Override]
+) -> list[tuple[str, str]]:
+    """(path with line, message) for one pydantic error; an error in a value that came from the
+    environment names the variable instead of a line of the file."""
     loc = list(err.get("loc", ()))
-    parts: list[str] = []
+    path: list[str | int] = []
     node: Any = data
     for part in loc:
         # Discriminated unions add the tag (the ``type`` value) to the location: drop it.
         if isinstance(node, dict) and part not in node and node.get("type") == part:
             continue
-        if isinstance(part, int):
-            parts.append(f"[{part}]")
-        else:
-            parts.append(f".{part}" if parts else str(part))
+        path.append(part)
         if isinstance(node, dict):
             node = node.get(part)
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         else:
             node = None
-    tpath = "".join(parts)
+    tpath = _dotted(path)
     msg = str(err.get("msg", "invalid"))
     kind = err.get("type")
+    ctx: Mapping[str, Any] = err.get("ctx") or {}
     if kind == "extra_forbidden":
         msg = "unknown key"
     elif kind == "missing":
         msg = "required key is missing"
-    elif kind == "union_tag_invalid":
-        ctx = err.get("ctx") or {}
-        msg = f"unknown type {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        # A plugin's own tagged unions (a serial parser's ``kind``) have their own tags.
+        plugin = len(path) == 2 and path[0] in ("sources", "uplinks")
+        tag = "type" if plugin else str(ctx.get("discriminator", "'type'")).strip("'")
+        known = (
+            _known_types(tpath) if plugin else str(ctx.get("expected_tags", "")).replace("'", "")
+        )
+        if kind == "union_tag_invalid":
+            msg = f"unknown {tag} {ctx.get('tag')!r} (known: {known})"
+        else:
+            msg = f"{tag} is missing: give one of {known}" if known else f"{tag} is missing"
+            if isinstance(node, dict):
+                tpath = f"{tpath}.{tag}"
     msg = msg.removeprefix("Value error, ")
-    return _with_line(tpath, text), msg
+
+    key = tuple(path)
+    for o in overrides:
+        if o.problem is not None and (key[: len(o.path)] == o.path or o.path[: len(key)] == key):
+            return []  # what a bad override broke: reported with the variable already
+    for o in overrides:
+        if key[: len(o.path)] == o.path:
+            inner = _dotted(path[len(o.path) :])
+            return [(o.shown, f"{_dotted(path)}: {msg}" if inner else msg)]
+    # A check of a whole table (its keys against each other) names the keys it compares.
+    inside = [o.shown for o in overrides if o.path[: len(key)] == key and o.path[-1] in msg]
+    if inside:
+        msg = f"{msg} (with {', '.join(inside)} from the environment)"
+    if kind == "duplicate_name":
+        return [
+            (
+                _with_line(f"{tpath}[{again}].name", text),
+                f"{_name_at(node, again)!r} is also the name of "
+                f"{tpath}[{first}]{_line_note(f'{tpath}[{first}].name', text)}",
+            )
+            for again, first in ctx.get("repeats", ())
+        ]
+    return [(_with_line(tpath, text), msg)]
+
+
+def _name_at(items: Any, i: int) -> Any:
+    return items[i].get("name") if isinstance(items, list) and isinstance(items[i], dict) else "?"
+
+
+def _dotted(path: list[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _known_types(tpath: str) -> str:
+    """The ``type`` values of the sources' or uplinks' union, for an error at ``tpath``."""
+    union = UplinkConfig if tpath.startswith("uplinks") else SourceConfig
+    models = get_args(get_args(union)[0])
+    return ", ".join(str(get_args(m.model_fields["type"].annotation)[0]) for m in models)
 
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
@@ -337,8 +579,12 @@ _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
 def _with_line(tpath: str, text: str) -> str:
+    return f"{tpath}{_line_note(tpath, text)}"
+
+
+def _line_note(tpath: str, text: str) -> str:
     line = locate(text, tpath)
-    return f"{tpath} (line {line})" if line else tpath
+    return f" (line {line})" if line else ""
 
 
 def locate(text: str, tpath: str) -> int | None:

@@ -69,15 +69,28 @@ class SecretRef(Strict):
     #: The value, once the config loader resolved it (:meth:`bind`); never part of the model's
     #: fields, repr or dump.
     _resolved: Secret | None = PrivateAttr(default=None)
+    #: Why the loader left it unresolved (:meth:`defer`), for the error :meth:`secret` raises.
+    _deferred: str | None = PrivateAttr(default=None)
 
     def bind(self, secret: Secret) -> None:
         """Keep the value the loader resolved, for the plugin built from this config."""
         self._resolved = secret
+        self._deferred = None
+
+    def defer(self, reason: str) -> None:
+        """Leave the value unresolved on purpose (a command that needs no secret, or a systemd
+        credential checked outside the service); ``reason`` names the place, never a value."""
+        self._resolved = None
+        self._deferred = reason
 
     def secret(self) -> Secret:
-        """The resolved value. Plugins get their secrets here (gateway/*/registry.py)."""
+        """The resolved value. Plugins get their secrets here (gateway/*/registry.py).
+
+        Raises LookupError naming the place (never a value) when the loader did not resolve it.
+        """
         if self._resolved is None:
-            raise LookupError(f"secret {self.where()} was not resolved when the config was loaded")
+            why = self._deferred or "it was not resolved when the config was loaded"
+            raise LookupError(f"secret {self.where()} is not available: {why}")
         return self._resolved
 
     def where(self) -> str:
@@ -314,6 +327,13 @@ class UplinkConfigBase(Strict):
     timeout_s: float = Field(default=30.0, gt=0)
     backoff_initial_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
+    #: Cap for retries after the service could not be reached (connection refused, reset or
+    #: dropped, DNS, timeout): the delay doubles from ``backoff_initial_s`` up to this (at most
+    #: ``backoff_max_s``), jittered, never below half of ``backoff_initial_s``, so a link that
+    #: comes back is used again within seconds. ``backoff_max_s`` caps the retries after the
+    #: service answered and refused (5xx, 429, MQTT CONNACK refusals, a certificate that does not
+    #: verify); refused credentials wait ``auth_retry_s`` (gateway/backoff.py RetrySchedule).
+    reconnect_max_s: float = Field(default=5.0, gt=0)
     #: After credentials are refused, wait this long before trying again.
     auth_retry_s: float = Field(default=600.0, gt=0)
     #: Hold readings stamped while the system clock was unsynchronised until their timestamps are
@@ -344,6 +364,16 @@ class UplinkConfigBase(Strict):
                     f"series patterns ({', '.join(patterns[:3])}) are not supported by this "
                     "uplink: each route names one series (patterns: energydata routes)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> UplinkConfigBase:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError(
+                f"backoff_initial_s ({self.backoff_initial_s:g} s) is above backoff_max_s "
+                f"({self.backoff_max_s:g} s): the first retry would wait longer than the "
+                "longest; lower backoff_initial_s or raise backoff_max_s"
+            )
         return self
 
     def routed_series(self) -> list[str]:

@@ -5,11 +5,20 @@ loop turns (it answered), the store accepts writes and no uplink is stuck; else 
 reasons. ``/status`` is the JSON snapshot of :meth:`gateway.app.Gateway.status`. ``/metrics`` is
 Prometheus text, built on each scrape from the same snapshot (no second set of counters to
 drift).
+
+A port that is taken at start-up does not leave the daemon without its endpoint for its whole
+life: :meth:`HealthServer.start_or_retry` binds now or keeps trying in the background (1 s
+doubling to 30 s). Failures are logged when the error changes and then every
+:data:`LOG_EVERY_NTH_FAILURE`-th attempt (each one at debug), are put in the systemd status text
+when there is a notifier, and once bound ``/status`` shows them under ``health``
+(``bound_at``, ``bind_failures``, ``last_bind_error``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -20,10 +29,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway.config import HealthConfig
+from gateway.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
 UPLINK_STATES = ("ok", "backing_off", "auth_failed", "paused")
+
+#: Bind retry: the first retry after this many seconds, doubling up to the cap.
+BIND_RETRY_INITIAL_S = 1.0
+BIND_RETRY_MAX_S = 30.0
+#: A failure with the same error as the one before is logged (at error level) every Nth time.
+LOG_EVERY_NTH_FAILURE = 10
 
 
 class StatusProvider(Protocol):
@@ -76,6 +92,13 @@ class _Collector(Collector):
             "1 when the system clock is synchronised",
             1 if clock["synchronized"] else 0,
         )
+        health = st.get("health")
+        if health is not None:
+            yield _counter(
+                "fieldgate_health_bind_failures",
+                "Failed attempts to bind the health endpoint's port",
+                health["bind_failures"],
+            )
         yield _counter(
             "fieldgate_clock_steps", "Steps of the wall clock seen", clock.get("steps_total", 0)
         )
@@ -168,13 +191,41 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class HealthServer:
     """Serves the three endpoints for a :class:`StatusProvider`. Async context manager."""
 
-    def __init__(self, cfg: HealthConfig, provider: StatusProvider) -> None:
+    def __init__(
+        self,
+        cfg: HealthConfig,
+        provider: StatusProvider,
+        *,
+        notifier: Notifier | None = None,
+        retry_initial_s: float = BIND_RETRY_INITIAL_S,
+        retry_max_s: float = BIND_RETRY_MAX_S,
+    ) -> None:
         self.cfg = cfg
         self.provider = provider
+        self.notifier = notifier
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(provider.status))
+        self.registry.register(_Collector(self.snapshot))
         self._runner: web.AppRunner | None = None
+        self._retry: asyncio.Task[None] | None = None
+        #: The bound port (with port 0, the one chosen); None until bound.
         self.port: int | None = None
+        #: Set once bound (at once, or by a retry).
+        self.listening = asyncio.Event()
+        self.bound_at: float | None = None
+        self.bind_failures = 0
+        self.last_bind_error: str | None = None
+        self.last_bind_error_at: float | None = None
+
+    @property
+    def bound(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def url(self) -> str | None:
+        """The base URL (no slash) once bound."""
+        return f"http://{self.cfg.host}:{self.port}" if self.bound else None
 
     def _app(self) -> web.Application:
         app = web.Application()
@@ -184,23 +235,107 @@ class HealthServer:
         return app
 
     async def start(self) -> int:
+        """Bind once; raises OSError when the address is taken (counted in the bind status)."""
         runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True)
         try:
             await site.start()
-        except OSError:
+        except OSError as exc:
+            await runner.cleanup()
+            self.bind_failures += 1
+            self.last_bind_error = str(exc) or type(exc).__name__
+            self.last_bind_error_at = time.time()
+            raise
+        except BaseException:  # cancelled while binding (shutdown): leave nothing behind
             await runner.cleanup()
             raise
         self._runner = runner
+        self.bound_at = time.time()
         # The bound addresses (host, port[, flowinfo, scope_id]): with port 0, the one chosen.
         addresses = runner.addresses
         self.port = int(addresses[0][1]) if addresses else self.cfg.port
-        log.info("health_listening", url=f"http://{self.cfg.host}:{self.port}/status")
+        self.listening.set()
+        url = f"http://{self.cfg.host}:{self.port}/status"
+        if self.bind_failures:
+            log.info("health_listening", url=url, bind_failures=self.bind_failures)
+        else:
+            log.info("health_listening", url=url)
+        if self.notifier is not None and self.bind_failures:
+            self.notifier.status(
+                f"health endpoint listening on {url} after {self.bind_failures} failed binds"
+            )
         return self.port
 
+    async def start_or_retry(self) -> bool:
+        """Bind now (True), or log the failure and keep trying in the background (False)."""
+        try:
+            await self.start()
+        except OSError:
+            delay = self.retry_initial_s
+            self._report_failure(None, delay)
+            self._retry = asyncio.create_task(self._retry_bind(delay), name="health:bind")
+            return False
+        return True
+
+    async def _retry_bind(self, delay: float) -> None:
+        while True:
+            await asyncio.sleep(delay)
+            previous = self.last_bind_error
+            try:
+                await self.start()
+            except OSError:
+                delay = min(self.retry_max_s, delay * 2)
+                self._report_failure(previous, delay)
+            else:
+                return
+
+    def _report_failure(self, previous: str | None, retry_in_s: float) -> None:
+        n, error = self.bind_failures, self.last_bind_error
+        fields = {
+            "host": self.cfg.host,
+            "port": self.cfg.port,
+            "error": error,
+            "attempt": n,
+            "retry_in_s": retry_in_s,
+        }
+        if n == 1 or error != previous or n % LOG_EVERY_NTH_FAILURE == 0:
+            log.error(
+                "health_bind_failed",
+                **fields,
+                action="running without /health, /status, /metrics; retrying",
+            )
+        else:
+            log.debug("health_bind_failed", **fields)
+        if self.notifier is not None:
+            self.notifier.status(
+                f"health endpoint {self.cfg.host}:{self.cfg.port} not bound ({error}); "
+                f"retrying, {n} failed attempts"
+            )
+
+    def bind_status(self) -> dict[str, Any]:
+        """What /status shows under ``health``."""
+        return {
+            "url": self.url,
+            "bound_at": self.bound_at,
+            "bind_failures": self.bind_failures,
+            "last_bind_error": self.last_bind_error,
+            "last_bind_error_at": self.last_bind_error_at,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """The provider's status with this endpoint's own under ``health``."""
+        st = dict(self.provider.status())
+        st["health"] = self.bind_status()
+        return st
+
     async def aclose(self) -> None:
+        retry, self._retry = self._retry, None
+        if retry is not None:
+            retry.cancel()
+            await asyncio.gather(retry, return_exceptions=True)
         runner, self._runner = self._runner, None
+        self.listening.clear()
         if runner is not None:
             await runner.cleanup()
 
@@ -217,7 +352,7 @@ class HealthServer:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.Response(
-            text=json.dumps(self.provider.status(), default=str, indent=1),
+            text=json.dumps(self.snapshot(), default=str, indent=1),
             content_type="application/json",
         )
 

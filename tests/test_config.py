@@ -120,7 +120,9 @@ def test_unknown_type_and_duplicate_names(good: str) -> None:
     )
     doubled = good + good[good.index("[[uplinks]]") :]
     [(path, msg)] = problems(doubled)
-    assert path.startswith("uplinks") and "repeated: qatium" in msg
+    first = locate(doubled, "uplinks[0].name")
+    assert path == f"uplinks[1].name (line {locate(doubled, 'uplinks[1].name')})"
+    assert msg == f"'qatium' is also the name of uplinks[0] (line {first})"
 
 
 def test_route_to_unknown_series_warns_and_unknown_gps_source_errors(good: str) -> None:

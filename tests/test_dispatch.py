@@ -315,3 +315,63 @@ async def test_an_early_settled_part_is_recorded_once_and_a_failed_early_record_
     await store.refresh_stats()
     assert store.uplink_stats("rule")["delivered"] == 20
     assert store.uplink_stats("rule")["backlog"] == 0
+
+
+class FailingUplink(RuleUplink):
+    """Fails every send with the failure it is given (what a plugin reports)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure = SendResult.failed(Outcome.TRANSIENT, "connect failed", unreachable=True)
+
+    async def send(self, batch: Sequence[StoredReading]) -> SendResult:
+        self.batches.append(len(batch))
+        return self.failure
+
+
+async def test_the_failure_picks_the_schedule_short_when_unreachable_long_when_refused(
+    store: Store,
+) -> None:
+    up = FailingUplink()
+    cfg = UplinkConfigBase(
+        name="rule",
+        rate_limit_requests=0,  # type: ignore[arg-type]
+        backoff_initial_s=10.0,
+        backoff_max_s=600.0,
+        reconnect_max_s=2.0,
+        auth_retry_s=3600.0,
+    )
+    r = UplinkRunner(up, cfg, store)  # type: ignore[arg-type]
+    await fill(store, [1.0, 2.0])
+
+    async def fail_once() -> dict[str, object]:
+        r.resume_now()  # each failure's own wait, not the one before it
+        lease = await store.lease("rule", 10, live_first=False)
+        assert lease is not None
+        await r.process(lease)
+        return r.status()
+
+    # Not reached: every retry within the short cap, however often it fails.
+    for _ in range(6):
+        st = await fail_once()
+        assert st["retry_kind"] == "unreachable" and 0 < st["retry_in_s"] <= 2.0  # type: ignore[operator]
+    # The service answered 503: the long schedule, from its own first step (5-10 s), growing.
+    up.failure = SendResult.failed(Outcome.TRANSIENT, "HTTP 503", status=503)
+    first = await fail_once()
+    assert first["retry_kind"] == "refused" and first["retry_in_s"] > 2.0  # type: ignore[operator]
+    second = await fail_once()
+    assert second["retry_in_s"] > 9.0  # type: ignore[operator]  # 10-20 s
+    # Refused credentials: auth_retry_s.
+    up.failure = SendResult.failed(Outcome.AUTH, "HTTP 401", status=401)
+    st = await fail_once()
+    assert st["retry_kind"] == "auth" and st["retry_in_s"] > 3000  # type: ignore[operator]
+    assert r.state is UplinkState.AUTH_FAILED
+    assert store.uplink_stats("rule")["backlog"] == 2  # nothing lost meanwhile
+    # A delivery resets both schedules and clears the kind.
+    r.resume_now()
+    lease = await store.lease("rule", 10, live_first=False)
+    assert lease is not None
+    up.failure = SendResult.all_delivered(lease.items)
+    await r.process(lease)
+    assert r.state is UplinkState.OK and r.status()["retry_kind"] is None
+    assert r.retry.unreachable.attempts == 0 and r.retry.refused.attempts == 0

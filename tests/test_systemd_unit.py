@@ -32,8 +32,8 @@ def test_unit_has_what_the_daemon_relies_on() -> None:
     assert d["Restart"] == ["on-failure"]
     # gateway.config.EX_CONFIG and gateway.__main__.EX_STORE_UNUSABLE
     assert d["RestartPreventExitStatus"] == [f"{EX_CONFIG} {EX_STORE_UNUSABLE}"]
-    # No reload: SIGHUP is logged and ignored (tests/integration/test_store_integrity.py).
-    assert "ExecReload" not in d
+    # Reload is SIGHUP to the daemon itself (tests/integration/test_reload.py).
+    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert int(d["WatchdogSec"][0]) >= 10
     assert d["StateDirectory"] == ["fieldgate"] and d["ConfigurationDirectory"] == ["fieldgate"]
     assert d["User"] == ["fieldgate"] and "dialout" in d["SupplementaryGroups"][0]

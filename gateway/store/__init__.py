@@ -20,6 +20,8 @@ Guarantees a caller may rely on:
   stamped while the clock was unsynchronised, committed and still buffered alike, in one
   transaction with the clock's own state; an uplink may hold such readings (``complete(...,
   hold_from=)``) so that they are not leased again until :meth:`release_holds`.
+* A config reload changes the uplinks while running (:meth:`Store.set_routes`: added, removed,
+  re-routed; :meth:`drop_leases` once a replaced runner is gone). Nothing committed changes.
 
 Two aiosqlite connections: one writer (ingest, acks, eviction; transactions serialised by a
 lock) and one reader (leases, stats), so in WAL mode leasing never waits for a big commit.
@@ -52,11 +54,11 @@ cursor. "Takes" lists each place that acquires it (module in brackets)::
                [cursors], _delete_upto, _evict, _evict_for_space's checkpoints [maintenance].
   _commit_lock asyncio.Lock. Guards the hand-over of batches from _buffer into the file
                (_buffer's head, _max_id, the batch's bookkeeping). Takes: _commit_buffer (from
-               run and aclose), repair_unsynced [writer]. (ingest appends to _buffer and
-               next_id reads it without it: neither awaits in between.)
+               run and aclose), repair_unsynced [writer], set_routes [__init__]. (ingest
+               appends to _buffer and next_id reads it without it: neither awaits in between.)
   _maint_lock  asyncio.Lock. One maintenance pass at a time: pruning and eviction move _min_id
-               and cursors' done sets; the reserve file. Takes: maintain, _evict_for_space
-               [maintenance].
+               and cursors' done sets; the reserve file; the set of cursors (iterated across
+               awaits). Takes: maintain, _evict_for_space [maintenance], set_routes [__init__].
   c.lock       asyncio.Lock per uplink. One lease at a time for that uplink: _lease reads
                c.done, c.leased and c.live_mark across awaits and adds its ranges to c.leased.
                Takes: lease [cursors]. Reader connection only; no other lock under it.
@@ -73,10 +75,12 @@ cursor. "Takes" lists each place that acquires it (module in brackets)::
 
 Order when more than one is held (outer first): ``_maint_lock`` -> ``c.done_lock`` ->
 ``_wlock`` (``_evict``); ``_commit_lock`` -> ``_wlock`` (every commit, ``repair_unsynced``);
-``_commit_lock`` -> ``_committed`` (end of ``_commit_batch``, ``_wlock`` already released).
-``_wlock`` is innermost: nothing is acquired while it is held. No code path takes
-``_commit_lock`` and ``_maint_lock`` together (``run`` calls maintenance only between commits),
-nor any other lock together with ``c.lock``.
+``_commit_lock`` -> ``_committed`` (end of ``_commit_batch``, ``_wlock`` already released);
+``_maint_lock`` -> ``_commit_lock`` -> ``_wlock`` (``set_routes`` alone).
+``_wlock`` is innermost: nothing is acquired while it is held. Only ``set_routes`` takes
+``_commit_lock`` and ``_maint_lock`` together, in that order (``run`` calls maintenance only
+between commits, and nothing waits for ``_maint_lock`` holding ``_commit_lock``); no code path
+takes any other lock together with ``c.lock``.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ from gateway.configbase import StoreConfig
 from gateway.errors import StoreCorrupt, StoreError, StoreUnusable
 from gateway.intervals import IntervalSet
 from gateway.lockfile import why as _why
+from gateway.routes import SeriesFilter
 from gateway.store.base import Lease, StoreEvent, _Cursor
 from gateway.store.cursors import _Cursors
 from gateway.store.deadletters import _DeadLetters
@@ -240,12 +245,7 @@ class Store(_Writer, _Cursors, _Maintenance, _DeadLetters):
                 self._series_names[sid] = name
         self._max_id = await _scalar(r, "SELECT coalesce(max(id), 0) FROM readings") or 0
         self._min_id = await _scalar(r, "SELECT coalesce(min(id), 1) FROM readings") or 1
-        known: dict[str, tuple[Any, ...]] = {}
-        async with r.execute(
-            "SELECT name, done, live_mark, delivered, rejected, evicted, state FROM uplinks"
-        ) as cur:
-            async for row in cur:
-                known[row[0]] = tuple(row)
+        known = await self._saved_cursors()
         # Ids are never reused: once everything was delivered and pruned the table is empty,
         # but every id an uplink has marked done was handed out already.
         for saved in known.values():
@@ -254,29 +254,77 @@ class Store(_Writer, _Cursors, _Maintenance, _DeadLetters):
             self._max_id = max(self._max_id, top, saved[2])
         self._min_id = max(self._min_id, 1)
         for name in self._routes:
-            if name in known:
-                _, done, live, dl, rj, ev, state = known[name]
-                c = _Cursor(
-                    name,
-                    IntervalSet.from_json(done),
-                    live,
-                    delivered=dl,
-                    rejected=rj,
-                    evicted=ev,
-                    state=json.loads(state),
-                )
-            else:
-                # A new uplink starts with what arrives from now on, not the stored history.
-                c = _Cursor(name, IntervalSet([(0, self._max_id)]), self._max_id)
-                if not self.readonly:
-                    await self._save_cursor(c)
-            self._cursors[name] = c
+            self._cursors[name] = await self._cursor_for(name, known.get(name))
         if not self.readonly:
             await self._intern(sorted({s for f in self._routes.values() for s in f.names}))
         self._rebuild_routing()
         for c in self._cursors.values():
             c.backlog = await self._count_backlog(c)
         await self.refresh_stats()
+
+    async def _saved_cursors(self) -> dict[str, tuple[Any, ...]]:
+        """Every uplink's saved row (name -> the row), configured now or not."""
+        known: dict[str, tuple[Any, ...]] = {}
+        async with self._read.execute(
+            "SELECT name, done, live_mark, delivered, rejected, evicted, state FROM uplinks"
+        ) as cur:
+            async for row in cur:
+                known[row[0]] = tuple(row)
+        return known
+
+    async def _cursor_for(self, name: str, saved: tuple[Any, ...] | None) -> _Cursor:
+        """The cursor of uplink ``name``: where its saved row left it, else (an uplink new to
+        this store) past every committed reading, saved at once."""
+        if saved is not None:
+            _, done, live, dl, rj, ev, state = saved
+            return _Cursor(
+                name,
+                IntervalSet.from_json(done),
+                live,
+                delivered=dl,
+                rejected=rj,
+                evicted=ev,
+                state=json.loads(state),
+            )
+        # A new uplink starts with what arrives from now on, not the stored history.
+        c = _Cursor(name, IntervalSet([(0, self._max_id)]), self._max_id)
+        if not self.readonly:
+            await self._save_cursor(c)
+        return c
+
+    # ------------------------------------------------------------------------------------------
+    # Changing the uplinks while running (a config reload: gateway/app.py)
+
+    async def set_routes(self, routes: Mapping[str, Iterable[str]]) -> None:
+        """Make ``routes`` (uplink -> the series it takes) the configured uplinks, while running.
+
+        The caller has stopped the runner of every uplink that goes or whose series change.
+        An added uplink resumes from its saved row when this store has one (as a restart with
+        it configured again would), else it starts with what is committed from now on (what is
+        still buffered is its). A removed uplink's cursor leaves memory, so it no longer keeps
+        readings from being pruned; its row stays. A re-routed uplink takes readings of its
+        new series that are still pending for it; what its past leases covered stays done, as
+        for any series not routed to it then."""
+        new = {name: SeriesFilter(series) for name, series in routes.items()}
+        # Maintenance reads the cursors across awaits and a commit adds to the backlogs of the
+        # uplinks a series is routed to: neither runs while cursors and routing change.
+        async with self._maint_lock, self._commit_lock:
+            before = {name: set(c.series_ids) for name, c in self._cursors.items()}
+            saved = await self._saved_cursors()
+            cursors: dict[str, _Cursor] = {}
+            for name in new:
+                c = self._cursors.get(name)
+                cursors[name] = (
+                    c if c is not None else await self._cursor_for(name, saved.get(name))
+                )
+            self._routes = new
+            self._cursors = cursors
+            await self._intern(sorted({s for f in new.values() for s in f.names}))
+            self._rebuild_routing()
+            for name, c in cursors.items():
+                if before.get(name) != c.series_ids:
+                    c.backlog = await self._count_backlog(c)
+            await self.refresh_stats()
 
     async def aclose(self) -> None:
         """Commit what is buffered, mark a clean shutdown, close. Idempotent."""

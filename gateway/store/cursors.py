@@ -271,6 +271,15 @@ class _Cursors(_StoreBase):
             c.leased.remove(lo, hi)
         c.leased_retry.difference_update(i.id for i in lease.items if i.id < 0)
 
+    def drop_leases(self, uplink: str) -> None:
+        """Forget every lease of ``uplink`` still out, once no runner of it is left (a config
+        reload cancelled it): what they covered is pending again, as after a restart. A lease
+        abandoned by cancellation is normally given back (:meth:`release`), but not when the
+        cancellation came while its completion was being written."""
+        c = self._cursors[uplink]
+        c.leased = IntervalSet()
+        c.leased_retry.clear()
+
     # ------------------------------------------------------------------------------------------
     # Holds for the clock (gateway/clock.py)
 

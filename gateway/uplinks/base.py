@@ -7,7 +7,9 @@ state) lives once in :mod:`gateway.uplinks.dispatch`; a plugin never retries or 
 
 Outcomes (DESIGN.md): a :class:`SendResult` lists the ids the service took (``delivered``) and the
 ids it refused for good with its reason (``rejected``). Every other item of the batch shares
-``failure``: transient (retry the same items after backoff), auth (keep everything, retry slowly),
+``failure``: transient (retry the same items after backoff: soon when the service could not be
+reached, ``Failure.unreachable``; slower when it answered and refused), auth (keep everything,
+retry slowly),
 too_large (split, lower the batch size), or rejected-unidentified (the service refused some item
 but did not say which: the dispatcher bisects). A 300/moved answer is followed inside the plugin,
 which reports it in ``moved_to`` so the change is logged and shown.
@@ -39,12 +41,16 @@ class Failure:
     ``outcome`` is TRANSIENT, AUTH, TOO_LARGE or REJECTED (REJECTED here means: the service
     refused at least one of these items without naming it; the dispatcher bisects to find it and
     dead-letters it with ``message``). ``retry_after`` is the service's own hint in seconds.
+    ``unreachable`` (TRANSIENT only): the service was not reached or the connection dropped
+    (refused, reset, DNS, timeout), so the next try comes on the short schedule
+    (``reconnect_max_s``); a service that answered and refused backs off up to ``backoff_max_s``.
     """
 
     outcome: Outcome
     message: str
     retry_after: float | None = None
     status: int | None = None
+    unreachable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +74,9 @@ class SendResult:
         *,
         retry_after: float | None = None,
         status: int | None = None,
+        unreachable: bool = False,
     ) -> SendResult:
-        return cls(failure=Failure(outcome, message, retry_after, status))
+        return cls(failure=Failure(outcome, message, retry_after, status, unreachable))
 
 
 @runtime_checkable

@@ -14,6 +14,14 @@ too_large     split in halves and lower the uplink's batch size; a single item i
 rejected, unidentified   bisect until the refused item is alone, then dead-letter it
 ============  =====================================================================
 
+A transient failure backs off on one of two schedules (:class:`~gateway.backoff.RetrySchedule`,
+both doubling from ``backoff_initial_s`` with jitter, reset by a delivery): when the service
+could not be reached (``Failure.unreachable``: connection refused, reset or dropped, DNS, a
+timeout) the link or the service is down and may be back any second, so the cap is the short
+``reconnect_max_s`` (default 5 s); when it answered and refused (5xx, 429, a CONNACK refusal) the
+cap is ``backoff_max_s``. ``status()["retry_kind"]`` says which (``unreachable``, ``refused`` or
+``auth``) and ``retry_in_s`` how long.
+
 A lease is completed in one store transaction: what was delivered or rejected is done, the rest
 stays pending. Cancellation (shutdown) abandons the lease: its readings stay pending and are
 sent again after restart (at least once).
@@ -38,7 +46,7 @@ from typing import Any
 
 import structlog
 
-from gateway.backoff import Backoff
+from gateway.backoff import RetrySchedule
 from gateway.clock import Clock
 from gateway.configbase import UplinkConfigBase, mask_secrets
 from gateway.models import StoredReading
@@ -93,7 +101,11 @@ class UplinkRunner:
             persist=self._persist_sends,
             even=cfg.pacing == "even",
         )
-        self.backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        #: Transient failures: a short cap while the service cannot be reached, the long one
+        #: once it answers and refuses.
+        self.retry = RetrySchedule(cfg.backoff_initial_s, cfg.backoff_max_s, cfg.reconnect_max_s)
+        #: The schedule the last failure took: "unreachable", "refused" or "auth" (None: none).
+        self.retry_kind: str | None = None
         self.batch_limit = cfg.batch_max_items
         self.state = UplinkState.OK
         self.last_error: str | None = None
@@ -126,6 +138,10 @@ class UplinkRunner:
             self.live_first = False
             self.workers = 1
         self._lease_size = self._base_lease_size()
+        # Stopping between requests (stop_sending, wait_idle): a config reload replaces runners.
+        self._stopping = False
+        self._processing = 0
+        self._idle = asyncio.Event()
 
     # ------------------------------------------------------------------------------------------
 
@@ -155,6 +171,8 @@ class UplinkRunner:
             await self.limiter.ready()
             # A commit while this lease is handled must not be waited for afterwards.
             commits = self.store.commits_total
+            if self._stopping:  # being replaced (stop_sending): take no new lease
+                return
             lease = await self.store.lease(self.name, self._lease_size, live_first=self.live_first)
             if lease is None:
                 if self.store.commits_total == commits:
@@ -181,6 +199,28 @@ class UplinkRunner:
 
     async def process(self, lease: Lease) -> int:
         """Send one lease and record every item's outcome. Returns how many requests it sent."""
+        self._processing += 1
+        try:
+            return await self._process(lease)
+        finally:
+            self._processing -= 1
+            if not self._processing:
+                self._idle.set()
+
+    def stop_sending(self) -> None:
+        """Start no further request (a config reload replaces this runner: gateway/app.py).
+        A lease being sent is recorded once its request in flight has answered; what it had not
+        sent yet stays pending, and so does every lease taken from now on."""
+        self._stopping = True
+
+    async def wait_idle(self) -> None:
+        """Return once no lease is being sent or recorded. After :meth:`stop_sending`, cancelling
+        :meth:`run` right then (no await in between) abandons no request that was sent."""
+        while self._processing:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def _process(self, lease: Lease) -> int:
         # A lease cut short by its size may end in the middle of a window or a group: what could
         # go on past the cut is held back for the next lease instead of being sent in pieces.
         cut = bool(lease.cut_at)
@@ -212,6 +252,10 @@ class UplinkRunner:
         queue: deque[list[StoredReading]] = deque(self._chunks(items))
         sent = 0
         while queue:
+            if self._stopping:  # being replaced: no new request, the rest stays pending
+                for c in queue:
+                    unfinished.extend(i.id for i in c)
+                break
             chunk = queue.popleft()
             sent += 1
             await self.limiter.acquire()
@@ -342,7 +386,7 @@ class UplinkRunner:
                     )
                 return await self.uplink.send(chunk)
         except TimeoutError:
-            return SendResult.failed(Outcome.TRANSIENT, "send timed out")
+            return SendResult.failed(Outcome.TRANSIENT, "send timed out", unreachable=True)
         except Exception as exc:  # a plugin bug must not lose data or kill the uplink
             log.exception("uplink_send_crashed", uplink=self.name)
             return SendResult.failed(Outcome.TRANSIENT, f"send failed: {type(exc).__name__}")
@@ -381,7 +425,7 @@ class UplinkRunner:
 
     def _on_success(self) -> None:
         self.last_delivery_at = time.time()
-        self.backoff.reset()
+        self.retry.reset()
         if self.state is not UplinkState.OK:
             log.info("uplink_recovered", uplink=self.name, was=self.state.value)
             self.state = UplinkState.OK
@@ -392,8 +436,10 @@ class UplinkRunner:
         if failure.outcome is Outcome.AUTH:
             delay = self.cfg.auth_retry_s
             new_state = UplinkState.AUTH_FAILED
+            self.retry_kind = "auth"
         else:
-            delay = self.backoff.next()
+            delay = self.retry.next(unreachable=failure.unreachable)
+            self.retry_kind = "unreachable" if failure.unreachable else "refused"
             if failure.retry_after is not None:
                 delay = min(max(failure.retry_after, 0.0), MAX_RETRY_AFTER_S)
                 self.limiter.pause_until(time.time() + delay)
@@ -410,6 +456,7 @@ class UplinkRunner:
             outcome=failure.outcome.value,
             status=failure.status,
             error=failure.message,
+            retry=self.retry_kind,
             retry_in_s=round(delay, 2),
         )
         self.state = new_state
@@ -445,6 +492,7 @@ class UplinkRunner:
             "last_error_at": self.last_error_at,
             "last_delivery_at": self.last_delivery_at,
             "retry_in_s": max(0.0, round(self._resume_at - time.monotonic(), 3)),
+            "retry_kind": self.retry_kind if self.state is not UplinkState.OK else None,
             "batch_max_items": self.batch_limit,
             "requests": dict(self.requests),
             "moved_to": self.moved_to,

@@ -140,8 +140,29 @@ def classify(response: httpx.Response) -> SendResult:
     return SendResult.failed(Outcome.TRANSIENT, msg, status=code)
 
 
+#: TLS errors that are a connection ending mid-handshake (the link), not a refusal.
+_TLS_DROPS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` means the service was not reached or the connection dropped: connect
+    refused, reset, DNS, a timeout, a server that closed without answering. The link or the
+    service is down and may be back within seconds (the short retry schedule). False when the
+    service answered in a way a quick retry cannot change: a TLS certificate or handshake we
+    refuse, a protocol error on our side, too many redirects."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, _TLS_DROPS):
+            return False
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(exc, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError))
+
+
 def transport_failure(exc: Exception) -> SendResult:
-    """A network-level failure (refused, reset, timeout, TLS) as a transient result."""
+    """A network-level failure (refused, reset, timeout, TLS) as a transient result, marked
+    ``unreachable`` unless the service answered (:func:`unreachable`)."""
     if isinstance(exc, httpx.TimeoutException):
         kind = "timeout"
     elif isinstance(exc, httpx.ConnectError):
@@ -149,4 +170,8 @@ def transport_failure(exc: Exception) -> SendResult:
     else:
         kind = "transport error"
     # The exception text names host and port but never headers; keep it short.
-    return SendResult.failed(Outcome.TRANSIENT, f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")
+    return SendResult.failed(
+        Outcome.TRANSIENT,
+        f"{kind}: {type(exc).__name__}: {str(exc)[:200]}",
+        unreachable=unreachable(exc),
+    )

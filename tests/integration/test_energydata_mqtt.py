@@ -492,3 +492,72 @@ async def test_pattern_routes_name_each_datastream_from_its_series(
         ]
         # tank.level matches no route: the store never hands it to this uplink.
         assert all("tank" not in tp for tp, _ in sub.got)
+
+
+# Reconnect schedules: backoff_initial_s above the short cap makes the two schedules disjoint
+# from the first failure on (short: 1-2 s; refused: 5-10 s, then 10-20 s...), so which one the
+# runner took shows in the delay it chose, without waiting any of it out.
+SHORT_CAP = 2.0
+SCHEDULES: dict[str, object] = {
+    "backoff_initial_s": 10.0,
+    "backoff_max_s": 120.0,
+    "reconnect_max_s": SHORT_CAP,
+}
+
+
+async def test_a_broker_that_went_away_is_retried_within_the_short_cap(
+    mosquitto: Mosquitto, env: Callable[..., Any]
+) -> None:
+    h: Harness = await env(mosquitto.port, **SCHEDULES)
+    await h.store.ingest(site_readings(5), durable=True)
+    h.start()
+    await h.until(lambda: h.backlog() == 0)
+    await mosquitto.kill()  # the connection drops; then nothing listens on the port
+    more = site_readings(5, t0=now_ms())
+    await h.store.ingest(more, durable=True)
+    await h.until(lambda: h.runner.state is UplinkState.BACKING_OFF)
+    publisher = h.uplink.publisher
+    kinds = []
+    for _ in range(4):
+        st = h.runner.status()
+        kinds.append(st["retry_kind"])
+        assert st["retry_in_s"] <= SHORT_CAP
+        # An operator's nudge instead of waiting: the next attempt now, on the same schedule.
+        attempts = publisher.connects
+        await h.nudge()
+        await h.until(lambda a=attempts: publisher.connects > a)
+        await h.until(lambda: h.runner.status()["retry_in_s"] > 0)
+    assert kinds == ["unreachable"] * 4
+    assert "Connection refused" in (h.runner.last_error or "")
+    assert h.backlog() == len(more)
+    # Back: delivered, and both schedules start again from their first step.
+    await mosquitto.start()
+    await h.until(lambda: h.backlog() == 0, timeout=30)
+    assert h.runner.state is UplinkState.OK and h.runner.status()["retry_kind"] is None
+    assert publisher._retry.unreachable.attempts == 0
+
+
+async def test_a_broker_that_answers_and_refuses_backs_off_on_the_long_schedule(
+    mosquitto: Mosquitto, env: Callable[..., Any]
+) -> None:
+    # The service's front answers, but its broker behind it is gone: CONNACK 3 (server
+    # unavailable). It answered, so retrying within seconds cannot help: the long schedule.
+    async with EnergydataBroker(("127.0.0.1", mosquitto.port), tokens={TOKEN: ["#"]}) as front:
+        await mosquitto.kill()
+        h: Harness = await env(front.port, **SCHEDULES)
+        await h.store.ingest(site_readings(3), durable=True)
+        h.start()
+        await h.until(lambda: front.refused[3] >= 1 and h.runner.status()["retry_in_s"] > 0)
+        st = h.runner.status()
+        assert st["retry_kind"] == "refused" and st["retry_in_s"] > SHORT_CAP
+        assert "refused the connection" in (h.runner.last_error or "")
+        # Once more: the next wait grows (10-20 s), where a dropped link would stay at 1-2 s.
+        await h.nudge()
+        await h.until(lambda: front.refused[3] >= 2 and h.runner.status()["retry_in_s"] > 0)
+        assert h.runner.status()["retry_in_s"] > 9.0
+        assert front.connects == 2 and h.backlog() == 15
+        # The broker behind it comes back: delivered at the next attempt.
+        await mosquitto.start()
+        await h.nudge()
+        await h.until(lambda: h.backlog() == 0, timeout=30)
+        assert h.runner.state is UplinkState.OK

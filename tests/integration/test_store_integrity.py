@@ -243,14 +243,19 @@ async def test_corruption_found_while_running_is_shown_and_a_restart_salvages(
     assert await again.terminate() == 0
 
 
-async def test_sighup_is_logged_and_ignored(tmp_path: Path, daemons: list[Daemon]) -> None:
+async def test_sighup_reloads_and_never_ends_the_daemon(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """SIGHUP is a reload (tests/integration/test_reload.py), never the default that ends the
+    process unclean: an unchanged file is applied as it is."""
     d = Daemon(write_config(tmp_path, tmp_path / "fg.db"), env=ENV)
     daemons.append(d)
     await d.start()
     await d.wait_event("gateway_ready")
     assert d.proc is not None
     d.proc.send_signal(signal.SIGHUP)
-    await d.wait_event("sighup_ignored")
+    reloaded = await d.wait_event("config_reloaded")
+    assert reloaded["sources_changed"] == [] and reloaded["uplinks_changed"] == []
     assert d.proc.returncode is None
     async with httpx.AsyncClient(base_url=await d.health_url()) as client:
         assert (await client.get("/health")).status_code == 200

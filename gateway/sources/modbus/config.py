@@ -70,13 +70,17 @@ class ModbusFieldConfig(Strict):
     length: int | None = Field(default=None, ge=1, le=250)
     #: Bit index of a ``bit`` field, 0 = least significant bit of the register.
     bit: int | None = Field(default=None, ge=0, le=15)
+    #: Byte layout of a multi-byte value (README "Modbus: types, tables and byte orders");
+    #: default: the device's, else (profile fields) the profile's, else ABCD.
     word_order: Order | None = None
+    #: Numbers only: the value is ``raw * scale + offset``.
     scale: float = 1.0
     offset: float = 0.0
     #: Report by exception: None reports every poll; 0 reports changes; x reports moves > x.
     deadband: float | None = Field(default=None, ge=0)
     #: With a deadband, still report an unchanged value this often (default 300 s).
     heartbeat_s: float | None = Field(default=None, gt=0)
+    #: May share registers with another field (otherwise overlapping fields are an error).
     allow_overlap: bool = False
     #: Documentation only (units travel with uplink routes, not readings).
     unit: str | None = None

@@ -37,6 +37,7 @@ def resolve_zone(name: str) -> tzinfo:
 class TimestampConfig(Strict):
     """Which field holds the logger's own timestamp and how to read it."""
 
+    #: A parser field (listed in the parser's ``fields`` when those are given).
     field: str = Field(min_length=1)
     #: "iso8601", "epoch_s", "epoch_ms", or a strptime format such as "%Y-%m-%d %H:%M:%S".
     format: str = "iso8601"
@@ -59,6 +60,7 @@ class TimestampConfig(Strict):
 
 class RegexParserConfig(Strict):
     kind: Literal["regex"]
+    #: A regular expression whose named groups are the fields.
     pattern: str
     #: "full": the pattern must match the whole line (safer against damaged lines).
     match: Literal["full", "search"] = "full"
@@ -117,6 +119,7 @@ class KeyValueParserConfig(Strict):
     kind: Literal["keyvalue"]
     #: Separator between pairs; None: any run of whitespace, commas or semicolons.
     pair_separator: str | None = Field(default=None, min_length=1)
+    #: Separator between a key and its value.
     kv_separator: str = Field(default="=", min_length=1)
     #: Keys that are values (each must be present, or the line is rejected); None: every key.
     fields: list[str] | None = None
@@ -260,11 +263,13 @@ class NmeaConfig(SerialConfigBase):
 
     type: Literal["nmea"]
     baudrate: int = Field(default=4800, gt=0, le=4_000_000)  # NMEA 0183; u-blox ships 9600
+    #: False also accepts sentences without ``*hh`` (a wrong checksum is always rejected).
     require_checksum: bool = True
     #: GGA qualities that count as a fix (6 = dead reckoning, 7 = manual, 8 = simulator).
     fix_qualities: list[Annotated[int, Field(ge=1, le=8)]] = Field(
         default_factory=lambda: [1, 2, 3, 4, 5]
     )
+    #: A GGA fix with fewer satellites in use, or a larger HDOP, does not count as a fix.
     min_satellites: int = Field(default=0, ge=0)
     max_hdop: float | None = Field(default=None, gt=0)
     #: How long a fix stays valid for readings that carry it (``position_from``).
@@ -290,6 +295,7 @@ class Sdi12SensorConfig(Strict):
     address: str = Field(pattern=r"^[0-9A-Za-z?]$")
     #: "M", "M1".."M9" (sequential, service request) or "C", "C1".."C9" (concurrent).
     command: str = Field(default="M", pattern=r"^[MC][1-9]?$")
+    #: Ask for the CRC variant of the command (``aMC!``, ``aCC!``) and check each reply's CRC.
     crc: bool = False
     #: Full series names per value, in order ("" or "-" skip a value; values past the end of
     #: the list are not emitted). Default: ``<series_prefix><address>.<n>``, n counted from 1.

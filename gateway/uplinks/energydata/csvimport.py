@@ -347,7 +347,7 @@ def _named(step: str, result: SendResult, *, client_error_is_data: bool = True) 
     if outcome is Outcome.REJECTED and not client_error_is_data:
         # A 400 on a protocol step is not about any reading: keep them all.
         outcome = Outcome.TRANSIENT
-    return Failure(outcome, f"import {step}: {f.message}", f.retry_after, f.status)
+    return Failure(outcome, f"import {step}: {f.message}", f.retry_after, f.status, f.unreachable)
 
 
 @dataclass(slots=True)

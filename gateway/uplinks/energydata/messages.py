@@ -179,5 +179,11 @@ def merge_results(results: Sequence[SendResult]) -> SendResult:
         rejected.update(r.rejected)
         if r.failure is not None:
             failures.append(r.failure)
-    failure = min(failures, key=lambda f: _SEVERITY.get(f.outcome, 1)) if failures else None
+    # Between two transient failures, one the service answered (the long schedule) wins over
+    # one that did not reach it.
+    failure = (
+        min(failures, key=lambda f: (_SEVERITY.get(f.outcome, 1), f.unreachable))
+        if failures
+        else None
+    )
     return SendResult(delivered=delivered, rejected=rejected, failure=failure)

@@ -9,10 +9,17 @@ What callers rely on (:class:`WindowedPublisher`):
   (one :class:`asyncio.Semaphore`); paho's own in-flight limit is off, so paho never holds a
   publish back behind our window. ``max_in_flight`` records the most ever seen.
 * One long-lived connection, opened lazily and shared. A lost connection is reopened by the next
-  ``publish`` no sooner than a capped, jittered backoff allows (``Backoff`` from gateway/backoff;
-  reset once a new connection has had a PUBACK), so a broker that accepts and then drops us is
-  never hammered. Each connection is a fresh ``aiomqtt.Client`` with a clean session: messages
-  unacknowledged when it dropped are not replayed by paho but re-sent by the dispatcher.
+  ``publish`` no sooner than a capped, jittered backoff allows (``RetrySchedule`` from
+  gateway/backoff; reset once a new connection has had a PUBACK). Which cap depends on what
+  happened: a connection that dropped or timed out, or a broker that could not be reached
+  (refused, reset, DNS, timeout), is the link or the broker being down, retried on the short
+  schedule (up to ``reconnect_max_s``, default 5 s: the first delivery comes within seconds of
+  the broker's return); a broker that answered and refused (a CONNACK refusal other than auth, a
+  certificate that does not verify) backs off up to ``backoff_max_s``; refused credentials wait
+  ``auth_retry_s``. The failure handed to the dispatcher carries the wait as ``retry_after``, so
+  the runner waits exactly that long, once, for all its workers. Each connection is a fresh
+  ``aiomqtt.Client`` with a clean session: messages unacknowledged when it dropped are not
+  replayed by paho but re-sent by the dispatcher.
 
 Recognising "not authorised" (document 3.6): the broker handles a client's publishes in order,
 acknowledges the authorised ones and, on the first it may not accept, disconnects the client and
@@ -49,7 +56,7 @@ import structlog
 from aiomqtt import MqttError
 from aiomqtt.exceptions import MqttConnectError
 
-from gateway.backoff import Backoff
+from gateway.backoff import RetrySchedule
 from gateway.configbase import Secret
 from gateway.uplinks.base import Failure, Outcome
 from gateway.uplinks.energydata.config import EnergydataConfig
@@ -89,6 +96,16 @@ class _Link:
         return True
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """A failed connect that never reached the broker (refused, reset, DNS, timeout): aiomqtt
+    raises MqttError from paho's OSError. False for a TLS refusal (a certificate that does not
+    verify, a handshake the broker refused): the broker answered, retried slowly."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLError):
+        return isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError))
+    return isinstance(cause, OSError)
+
+
 def _describe(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
     text = str(exc)
@@ -109,9 +126,11 @@ class WindowedPublisher:
         self._link: _Link | None = None
         self._connect_lock = asyncio.Lock()
         self._probe_lock = asyncio.Lock()
-        self._backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        self._retry = RetrySchedule(cfg.backoff_initial_s, cfg.backoff_max_s, cfg.reconnect_max_s)
         self._connect_after = 0.0  # monotonic
         self._last_error = ""
+        #: Whether the last failure was the broker not reached (the short schedule).
+        self._last_unreachable = False
         #: topic -> monotonic time from which it may be tried again (0: probe at next send).
         self._suspects: dict[str, float] = {}
         self._seq = itertools.count()
@@ -177,7 +196,11 @@ class WindowedPublisher:
         )
 
     def _death(self, link: _Link) -> Failure:
-        return link.failure or Failure(Outcome.TRANSIENT, "connection lost")
+        failure = link.failure or Failure(Outcome.TRANSIENT, "connection lost", unreachable=True)
+        if failure.outcome is not Outcome.TRANSIENT:
+            return failure
+        # The reconnect's own wait (set when the link died): the runner takes it as it is.
+        return replace(failure, retry_after=max(0.0, self._connect_after - time.monotonic()))
 
     async def _pump(self, link: _Link, messages: Sequence[Message]) -> list[Message]:
         """Publish in order, at most ``window`` unacknowledged; the acknowledged ones."""
@@ -207,7 +230,8 @@ class WindowedPublisher:
             # Not connected any more, or no PUBACK within ack_timeout_s: either way the state
             # of the connection is unknown, so it is dropped and everything unacked re-sent.
             await self._kill_soon(
-                link, Failure(Outcome.TRANSIENT, f"publish failed: {_describe(exc)}")
+                link,
+                Failure(Outcome.TRANSIENT, f"publish failed: {_describe(exc)}", unreachable=True),
             )
         else:
             del link.unacked[seq]
@@ -215,7 +239,7 @@ class WindowedPublisher:
             self.acked += 1
             if not link.acked_any:
                 link.acked_any = True
-                self._backoff.reset()
+                self._retry.reset()
         finally:
             self.in_flight -= 1
             self._window.release()
@@ -288,14 +312,16 @@ class WindowedPublisher:
                     Outcome.TRANSIENT,
                     f"reconnect in {wait:.1f} s after: {self._last_error}",
                     retry_after=wait,
+                    unreachable=self._last_unreachable,
                 )
             result = await self._open()
             if isinstance(result, Failure):
                 delay = (
                     self.cfg.auth_retry_s
                     if result.outcome is Outcome.AUTH
-                    else self._backoff.next()
+                    else self._retry.next(unreachable=result.unreachable)
                 )
+                self._last_unreachable = result.unreachable
                 self._connect_after = time.monotonic() + delay
                 # The first failure loudly, repeats quietly until a connection succeeds.
                 level = log.debug if self._last_error == result.message else log.warning
@@ -356,12 +382,17 @@ class WindowedPublisher:
                 tls.close_orphans()
             await _misc_task_done(client)
             if isinstance(exc, MqttConnectError):
+                # The broker answered: a CONNACK refusal is never "down", retried slowly.
                 code = getattr(exc.rc, "value", exc.rc)
                 outcome = Outcome.AUTH if code in _AUTH_CONNACK else Outcome.TRANSIENT
                 return Failure(outcome, f"broker refused the connection: {exc}")
             if isinstance(exc, TimeoutError):
-                return Failure(Outcome.TRANSIENT, "connect timed out")
-            return Failure(Outcome.TRANSIENT, f"connect failed: {_describe(exc)}")
+                return Failure(Outcome.TRANSIENT, "connect timed out", unreachable=True)
+            return Failure(
+                Outcome.TRANSIENT,
+                f"connect failed: {_describe(exc)}",
+                unreachable=_unreachable(exc),
+            )
         link = _Link(client)
         link.watcher = asyncio.create_task(self._watch(link), name=f"uplink:{self.name}:mqtt")
         log.info(
@@ -382,7 +413,8 @@ class WindowedPublisher:
         except MqttError as exc:
             link.lost = True
             await self._kill_soon(
-                link, Failure(Outcome.TRANSIENT, f"connection lost: {_describe(exc)}")
+                link,
+                Failure(Outcome.TRANSIENT, f"connection lost: {_describe(exc)}", unreachable=True),
             )
 
     async def _kill_soon(self, link: _Link, failure: Failure) -> None:
@@ -397,7 +429,12 @@ class WindowedPublisher:
         if not link.kill(failure):
             return
         self._last_error = failure.message
-        self._connect_after = max(self._connect_after, time.monotonic() + self._backoff.next())
+        # A connection that dropped (or stopped acknowledging) is the link or the broker going
+        # away: reconnect on the short schedule. (A broker that drops us on purpose, for a
+        # topic we may not publish to, is caught by the suspect probe below and auth_retry_s.)
+        self._last_unreachable = True
+        delay = self._retry.next(unreachable=True)
+        self._connect_after = max(self._connect_after, time.monotonic() + delay)
         if link.suspect is not None and link.suspect not in self._suspects:
             self._suspects[link.suspect] = 0.0
         log.warning(

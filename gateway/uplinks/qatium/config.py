@@ -101,8 +101,12 @@ class QatiumConfig(UplinkConfigBase):
     type: Literal["qatium"]
     #: The ingest endpoint Qatium gives you (``https://<host>/ingest``).
     url: str = Field(pattern=r"^https?://")
+    #: The job APIs' base (``GET <jobs_url>/<job_id>``, ``.../details``). Default
+    #: (:meth:`resolved_jobs_url`): ``url`` with its last ``/ingest`` and what follows replaced by
+    #: ``/jobs``, or ``url`` + ``/jobs`` when it has no ``/ingest``.
     jobs_url: str | None = Field(default=None, pattern=r"^https?://")
     token: SecretRef
+    #: False accepts any certificate (test set-ups only); ``ca_file``: trust only that CA.
     verify_tls: bool = True
     ca_file: Path | None = None
     #: How often and how many times to ask the job status API about rows still pending.

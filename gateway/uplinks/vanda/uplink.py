@@ -237,7 +237,14 @@ class VandaUplink(http.HttpPlugin[VandaRoute]):
             except AuthError as exc:
                 return SendResult.failed(Outcome.AUTH, str(exc))
             except TransientError as exc:
-                return SendResult.failed(Outcome.TRANSIENT, str(exc), retry_after=exc.retry_after)
+                # A token endpoint that could not be reached: the short schedule, as for the API.
+                cause = exc.__cause__
+                return SendResult.failed(
+                    Outcome.TRANSIENT,
+                    str(exc),
+                    retry_after=exc.retry_after,
+                    unreachable=cause is not None and http.unreachable(cause),
+                )
             headers = {
                 "Authorization": f"Bearer {token}",
                 "Content-Type": "application/json; charset=utf-8",
