@@ -10,6 +10,8 @@
 ``fieldgate queue [-c FILE]``      backlog per uplink, oldest pending age, dead letters
                                    (``queue`` and ``dead-letters`` resolve no secret)
 ``fieldgate dead-letters list|replay UPLINK [-c FILE]``   inspect or requeue dead letters
+``fieldgate status [-c FILE]``     the running daemon's /status as tables (``--watch [S]``,
+                                   ``--json``); exit 1 naming the URL when it does not answer
 =================================  ==========================================================
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 73 store unusable (held by another fieldgate,
@@ -36,6 +38,7 @@ from gateway.config import (
     EX_CONFIG,
     LoadedConfig,
     SecretMode,
+    SecretRef,
     load_config,
 )
 from gateway.errors import ConfigError, FieldgateError, StoreUnusable
@@ -268,6 +271,71 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The running daemon's overview from its /status (like ``systemctl status``)."""
+    from gateway.statusview import Unreachable, base_url, fetch, render
+
+    path = _config_path(args.config)
+    loaded = _load(path, "none")  # reads the daemon's endpoint: needs no secret
+    health = loaded.settings.health
+    if not health.enabled:
+        print(f"{path}: [health] enabled = false: no /status to read", file=sys.stderr)
+        return 1
+    if health.port == 0:
+        print(
+            f"{path}: [health] port = 0 (the daemon picks a free port): set the port in the "
+            "file or FIELDGATE_HEALTH__PORT",
+            file=sys.stderr,
+        )
+        return 1
+    token: str | None = None
+    # [health] console_token (the web console's credential) guards /status too when set.
+    ref = (
+        health.__dict__.get("console_token")
+        if "console_token" in type(health).model_fields
+        else None
+    )
+    if isinstance(ref, SecretRef):
+        try:
+            token = ref.resolve().reveal()
+        except ValueError as exc:
+            print(f"{path}: health.console_token: {exc}", file=sys.stderr)
+            return 1
+    base = base_url(health)
+    url = f"{base}/status"
+    watch: float | None = args.watch
+    if watch is not None and watch <= 0:
+        print("--watch: the interval must be above 0 seconds", file=sys.stderr)
+        return 2
+    tty = sys.stdout.isatty()
+    first = True
+    while True:
+        try:
+            st = fetch(url, token)
+        except Unreachable as exc:
+            if first or watch is None:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            st = None
+            problem = str(exc)
+        if args.json:
+            print(json.dumps(st) if watch is not None else json.dumps(st, indent=1), flush=True)
+        else:
+            lines = render(st, base) if st is not None else [f"error: {problem}"]
+            if watch is not None:
+                lines.append("")
+                lines.append(f"every {watch:g} s, Ctrl-C to stop")
+            if watch is not None and tty:
+                sys.stdout.write("\x1b[H\x1b[2J")  # clear the screen, cursor home
+            elif not first:
+                print()
+            print("\n".join(lines), flush=True)
+        if watch is None:
+            return 0
+        first = False
+        time.sleep(watch)  # Ctrl-C: KeyboardInterrupt, main() returns 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line. Every subcommand, option and argument has help text (a test walks it)."""
     p = argparse.ArgumentParser(prog="fieldgate", description="Edge gateway for field loggers.")
@@ -335,6 +403,27 @@ def parser() -> argparse.ArgumentParser:
     dl.add_argument("-c", "--config", help=config_help)
     dl.add_argument("--limit", type=int, default=100, help="list at most this many (default 100)")
     dl.set_defaults(func=cmd_dead_letters)
+
+    st = sub.add_parser(
+        "status",
+        help="the running daemon's sources, uplinks, store and clock (from its /status; "
+        "needs no secret)",
+    )
+    st.add_argument("-c", "--config", help=config_help + "; its [health] host and port are read")
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until Ctrl-C",
+    )
+    st.add_argument(
+        "--json",
+        action="store_true",
+        help="print /status as JSON (one line per redraw with --watch)",
+    )
+    st.set_defaults(func=cmd_status)
     return p
 
 

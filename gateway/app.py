@@ -35,7 +35,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +52,7 @@ from gateway.sources.registry import build_source
 from gateway.sources.serial.config import NmeaConfig
 from gateway.store import Store
 from gateway.systemd import Notifier, watchdog_interval
+from gateway.timefields import with_iso_times
 from gateway.uplinks.base import Uplink
 from gateway.uplinks.dispatch import UplinkRunner
 from gateway.uplinks.registry import build_uplink
@@ -99,9 +99,9 @@ class ConfigInfo:
         return {
             "path": str(self.path) if self.path is not None else None,
             "sha256": self.sha256,
-            "loaded_at": _iso(self.loaded_at),
+            "loaded_at": self.loaded_at,
             "reloads": self.reloads,
-            "last_reload_at": _iso(self.last_reload_at),
+            "last_reload_at": self.last_reload_at,
             "last_reload_error": self.last_reload_error,
             "pending_restart": list(self.pending_restart),
         }
@@ -549,6 +549,8 @@ class Gateway:
     # Status and health (read-only)
 
     def status(self) -> dict[str, Any]:
+        """The /status snapshot: times as ISO 8601 UTC text, each with its ``X_epoch`` number
+        (:func:`gateway.timefields.with_iso_times`; the parts keep epoch seconds)."""
         store = self.store
         sources = {}
         for s in self.sources:
@@ -568,16 +570,19 @@ class Gateway:
                 d["restarts"] = t.restarts
                 d["task_error"] = t.last_error
             uplinks[r.name] = d
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "ready": self.ready.is_set(),
-            "sources": sources,
-            "uplinks": uplinks,
-            "store": store.stats() if store else {},
-            "clock": self.clock.status(),
-            "config": self.config.as_dict(),
-        }
+        return with_iso_times(
+            {
+                "version": __version__,
+                "started_at": self.started_at,
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "ready": self.ready.is_set(),
+                "sources": sources,
+                "uplinks": uplinks,
+                "store": store.stats() if store else {},
+                "clock": self.clock.status(),
+                "config": self.config.as_dict(),
+            }
+        )
 
     def health(self) -> tuple[bool, list[str]]:
         reasons: list[str] = []
@@ -644,13 +649,6 @@ def _load_hashed(path: Path) -> tuple[LoadedConfig, str | None]:
             break
         digest = after
     return loaded, digest
-
-
-def _iso(t: float | None) -> str | None:
-    """ISO 8601 UTC with milliseconds (``2025-01-31T12:00:00.000Z``)."""
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:

@@ -73,6 +73,7 @@ from gateway.configbase import (  # re-exported: the config API in one place
     mask_secrets,
     world_readable,
 )
+from gateway.console import auth_problems
 from gateway.errors import ConfigError
 from gateway.routes import compile_pattern, is_pattern
 from gateway.sources.modbus.config import PROFILE_BASE_DIR, ModbusSourceConfig
@@ -446,7 +447,8 @@ def _resolve_secrets(
 
 
 def _cross_checks(settings: Settings, text: str, warnings: list[str]) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
+    # The health endpoint (and its web console) beyond loopback only with a console token.
+    problems = [(_with_line(p, text), m) for p, m in auth_problems(settings.health)]
     if not any(s.enabled for s in settings.sources):
         none = "no enabled sources" if settings.sources else "no sources"
         warnings.append(f"{none}: the gateway will only deliver what the store already holds")

@@ -203,6 +203,9 @@ class HealthConfig(Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     #: An uplink with backlog and no delivery for this long makes /health answer 503.
     stuck_after_s: float = Field(default=3600.0, gt=0)
+    #: Bearer token for the web console, /status, /history and /metrics; required when ``host``
+    #: is not loopback (gateway/console: the config is refused without it).
+    console_token: SecretRef | None = None
 
 
 class ClockConfig(Strict):

@@ -1,10 +1,16 @@
-"""The local health endpoint (aiohttp): ``/health``, ``/status``, ``/metrics``.
+"""The local health endpoint (aiohttp): ``/health``, ``/status``, ``/metrics``, and the web
+console: ``/`` (gateway/console/index.html) with ``/history`` for its plots.
 
 It reads everything and changes nothing. ``/health`` answers 200 ``{"ok": true}`` when the event
 loop turns (it answered), the store accepts writes and no uplink is stuck; else 503 with the
 reasons. ``/status`` is the JSON snapshot of :meth:`gateway.app.Gateway.status`. ``/metrics`` is
 Prometheus text, built on each scrape from the same snapshot (no second set of counters to
-drift).
+drift). ``/history`` is a bounded in-memory record of backlogs, deliveries and readings, sampled
+here every :data:`gateway.console.history.INTERVAL_S` (the last hour), plus the current values.
+
+With ``console_token`` set (required when bound beyond loopback: the config loader refuses
+otherwise), every route but ``/health`` needs ``Authorization: Bearer <token>`` or
+``?token=<token>``; ``/`` without it answers 401 with a form asking for the token.
 
 A port that is taken at start-up does not leave the daemon without its endpoint for its whole
 life: :meth:`HealthServer.start_or_retry` binds now or keeps trying in the background (1 s
@@ -17,9 +23,11 @@ when there is a notifier, and once bound ``/status`` shows them under ``health``
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import structlog
@@ -28,8 +36,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway import console
 from gateway.config import HealthConfig
+from gateway.console.history import INTERVAL_S, History
+from gateway.errors import ConfigError
 from gateway.systemd import Notifier
+from gateway.timefields import with_iso_times
 
 log = structlog.get_logger(__name__)
 
@@ -199,8 +211,17 @@ class HealthServer:
         notifier: Notifier | None = None,
         retry_initial_s: float = BIND_RETRY_INITIAL_S,
         retry_max_s: float = BIND_RETRY_MAX_S,
+        history_interval_s: float = INTERVAL_S,
     ) -> None:
+        problems = console.auth_problems(cfg)
+        if problems:  # the loader refuses this config; a HealthServer built by hand, too
+            raise ConfigError(problems)
         self.cfg = cfg
+        self._token = (
+            cfg.console_token.secret().reveal().encode() if cfg.console_token is not None else None
+        )
+        self.history = History(interval_s=history_interval_s)
+        self._sampler: asyncio.Task[None] | None = None
         self.provider = provider
         self.notifier = notifier
         self.retry_initial_s = retry_initial_s
@@ -228,11 +249,40 @@ class HealthServer:
         return f"http://{self.cfg.host}:{self.port}" if self.bound else None
 
     def _app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/", self._console)
         app.router.add_get("/health", self._health)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/history", self._history)
         app.router.add_get("/metrics", self._metrics)
         return app
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self._token is None:
+            return True
+        given = request.query.get("token")
+        header = request.headers.get("Authorization", "")
+        if header[:7].lower() == "bearer ":
+            given = header[7:].strip()
+        return given is not None and hmac.compare_digest(given.encode(), self._token)
+
+    @web.middleware
+    async def _auth(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        if request.path == "/health" or self._authorized(request):
+            return await handler(request)
+        if request.path == "/":
+            return web.Response(
+                body=console.LOGIN_PAGE, status=401, content_type="text/html", charset="utf-8"
+            )
+        return web.json_response(
+            {"error": "console token required (Authorization: Bearer <token>)"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="fieldgate"'},
+        )
 
     async def start(self) -> int:
         """Bind once; raises OSError when the address is taken (counted in the bind status)."""
@@ -252,6 +302,8 @@ class HealthServer:
             raise
         self._runner = runner
         self.bound_at = time.time()
+        if self._sampler is None:
+            self._sampler = asyncio.create_task(self._sample(), name="health:history")
         # The bound addresses (host, port[, flowinfo, scope_id]): with port 0, the one chosen.
         addresses = runner.addresses
         self.port = int(addresses[0][1]) if addresses else self.cfg.port
@@ -314,14 +366,16 @@ class HealthServer:
             )
 
     def bind_status(self) -> dict[str, Any]:
-        """What /status shows under ``health``."""
-        return {
-            "url": self.url,
-            "bound_at": self.bound_at,
-            "bind_failures": self.bind_failures,
-            "last_bind_error": self.last_bind_error,
-            "last_bind_error_at": self.last_bind_error_at,
-        }
+        """What /status shows under ``health`` (times as ISO text with ``X_epoch`` numbers)."""
+        return with_iso_times(
+            {
+                "url": self.url,
+                "bound_at": self.bound_at,
+                "bind_failures": self.bind_failures,
+                "last_bind_error": self.last_bind_error,
+                "last_bind_error_at": self.last_bind_error_at,
+            }
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """The provider's status with this endpoint's own under ``health``."""
@@ -329,7 +383,22 @@ class HealthServer:
         st["health"] = self.bind_status()
         return st
 
+    async def _sample(self) -> None:
+        """Record the history now and every interval while bound. A failing status is skipped
+        (the console shows the gap), never the end of sampling."""
+        while True:
+            try:
+                self.history.record(time.time(), self.provider.status())
+            except Exception as exc:  # a half-built provider during start-up or a reload
+                log.debug("health_history_sample_failed", error=repr(exc))
+            await asyncio.sleep(self.history.interval_s)
+
     async def aclose(self) -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         retry, self._retry = self._retry, None
         if retry is not None:
             retry.cancel()
@@ -355,6 +424,22 @@ class HealthServer:
             text=json.dumps(self.snapshot(), default=str, indent=1),
             content_type="application/json",
         )
+
+    async def _console(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=console.page(),
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                "Cache-Control": "no-store",
+                "Referrer-Policy": "no-referrer",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    async def _history(self, request: web.Request) -> web.Response:
+        now = self.history.sample(time.time(), self.provider.status())
+        return web.json_response(self.history.as_dict(now))
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

@@ -119,7 +119,7 @@ def test_a_bad_section_given_as_json_names_the_variable_and_the_key(
         (
             "FIELDGATE_HEALTH__PROT",
             "unknown override: [health] has no key 'prot' (known: enabled, host, port, "
-            "stuck_after_s)",
+            "stuck_after_s, console_token)",
         ),
         (
             "FIELDGATE_BOGUS__X",

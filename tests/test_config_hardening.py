@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import HealthConfig, load_config, load_config_text
+from gateway.errors import ConfigError
 
 CONFIG = """
 [store]
@@ -98,5 +99,11 @@ def test_health_listens_on_loopback_unless_configured() -> None:
     loaded = load_config_text("[store]\npath = '/tmp/x.db'\n")
     assert loaded.settings.health.host == "127.0.0.1"
     assert loaded.settings.health.enabled
-    other = load_config_text("[store]\npath = '/tmp/x.db'\n[health]\nhost = '0.0.0.0'\n")
+    # Beyond loopback the console needs a token (issue 16): refused without one.
+    with pytest.raises(ConfigError, match="console_token"):
+        load_config_text("[store]\npath = '/tmp/x.db'\n[health]\nhost = '0.0.0.0'\n")
+    other = load_config_text(
+        "[store]\npath = '/tmp/x.db'\n[health]\nhost = '0.0.0.0'\n"
+        "console_token = { value = 'a-long-console-token', plain_text = true }\n"
+    )
     assert other.settings.health.host == "0.0.0.0"

@@ -298,6 +298,7 @@ async def _serve(
     await start_feeds()
     lines = ["", "fieldgate demo is running (Ctrl-C to stop)"]
     if server is not None and server.url is not None:
+        lines.append(f"  {'console':<8} {server.url}/")  # the web console first
         lines += [f"  {p:<8} {server.url}/{p}" for p in ("status", "health", "metrics")]
     else:
         lines.append("  status   (health endpoint disabled: FIELDGATE_HEALTH__ENABLED)")

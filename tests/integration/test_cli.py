@@ -255,7 +255,7 @@ def test_probe_outside_systemd_skips_what_needs_a_credential(credential_config: 
         (
             "FIELDGATE_HEALTH__PROT=1",
             "  FIELDGATE_HEALTH__PROT=1 -> unknown override: [health] has no key 'prot' (known: "
-            "enabled, host, port, stuck_after_s)",
+            "enabled, host, port, stuck_after_s, console_token)",
         ),
         (
             "FIELDGATE_BOGUS__X=1",

@@ -189,7 +189,8 @@ async def test_demo_delivers_and_stops_cleanly(tmp_path: Path) -> None:
     demo = Demo(tmp_path, "--health-port", str(port), "--state-dir", str(state))
     async with running(demo):
         endpoint, _ = parse_banner(await demo.banner())
-        assert endpoint[0] == ("status", f"http://127.0.0.1:{port}/status")
+        assert endpoint[0] == ("console", f"http://127.0.0.1:{port}/")
+        assert endpoint[1] == ("status", f"http://127.0.0.1:{port}/status")
         await wait_delivered(f"http://127.0.0.1:{port}")
         assert await demo.stop(signal.SIGINT) == 0
     assert (state / "fieldgate.db").exists()  # a store asked for is kept
@@ -201,19 +202,20 @@ async def test_demo_on_busy_ports_picks_free_ones(tmp_path: Path) -> None:
     with occupied(DEFAULT_HEALTH_PORT, OLD_QATIUM_PORT):
         async with running(demo):
             endpoint, stand_ins = parse_banner(await demo.banner())
-            # The console/status URL first, then the other endpoints, on a port of its own.
+            # The console URL first, then the other endpoints, on a port of its own.
             names = [name for name, _ in endpoint]
-            assert names == ["status", "health", "metrics", "store", "config"]
-            status_url = endpoint[0][1]
-            base = status_url.removesuffix("/status")
+            assert names == ["console", "status", "health", "metrics", "store", "config"]
+            base = endpoint[0][1].removesuffix("/")
+            status_url = endpoint[1][1]
+            assert status_url == f"{base}/status"
             assert urlsplit(status_url).port not in (DEFAULT_HEALTH_PORT, None)
-            store = endpoint[3][1].removesuffix(" (removed on exit)")
+            store = endpoint[4][1].removesuffix(" (removed on exit)")
             assert Path(store).is_relative_to(demo.tmpdir) and Path(store).exists()
             urls = [u.split(maxsplit=1)[0] for u in stand_ins.values() if "://" in u]
             ports = {urlsplit(u).port for u in urls}
             assert len(ports) == 6 and not ports & {DEFAULT_HEALTH_PORT, OLD_QATIUM_PORT}
             # Every URL it printed is its own: each answers, and the endpoint says it is it.
-            for url in [u for _, u in endpoint[:3]] + urls:
+            for url in [u for _, u in endpoint[:4]] + urls:
                 assert await answers(url), url
             status = await wait_delivered(base)
             assert status["health"]["url"] == base
@@ -228,9 +230,10 @@ async def test_demo_honours_fieldgate_health_port(tmp_path: Path) -> None:
     demo = Demo(tmp_path, env={"FIELDGATE_HEALTH__PORT": str(port)})
     async with running(demo):
         endpoint, _ = parse_banner(await demo.banner())
-        assert endpoint[0] == ("status", f"http://127.0.0.1:{port}/status")
+        assert endpoint[0] == ("console", f"http://127.0.0.1:{port}/")
+        assert endpoint[1] == ("status", f"http://127.0.0.1:{port}/status")
         async with httpx.AsyncClient() as client:
-            st = (await client.get(endpoint[0][1])).json()
+            st = (await client.get(endpoint[1][1])).json()
         assert st["health"]["url"] == f"http://127.0.0.1:{port}"
         assert set(st["uplinks"]) == {"qatium", "nilu", "vanda", "energydata", "datacooee"}
         assert await demo.stop(signal.SIGINT) == 0
