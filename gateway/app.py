@@ -262,6 +262,8 @@ class Gateway:
         async def emit(readings: Sequence[Reading]) -> None:
             # The clock stamps right before the readings join the queue (ids known, in order).
             await store.ingest(readings, prepare=stamp, prompt=prompt)
+            if self.health_server is not None:  # the console's per-series last values
+                self.health_server.history.series.note(source.name, readings)
 
         p = cfg.position
         fixed = Position(p.lat, p.lon, p.alt) if p is not None else None

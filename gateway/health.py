@@ -439,7 +439,11 @@ class HealthServer:
 
     async def _history(self, request: web.Request) -> web.Response:
         now = self.history.sample(time.time(), self.provider.status())
-        return web.json_response(self.history.as_dict(now))
+        body = self.history.as_dict(now)
+        name = request.query.get("series")
+        if name is not None:  # a chosen series' recent values (None when not kept)
+            body["recent"] = self.history.series.recent(name)
+        return web.json_response(body)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

@@ -104,7 +104,8 @@ def test_task_exception_never_retrieved_is_rendered_and_masked(secret: str) -> N
     loop = asyncio.new_event_loop()
     try:
         task = loop.create_task(doomed())
-        loop.run_until_complete(asyncio.sleep(0.01))
+        # Wait for the task itself (asyncio.wait does not retrieve its exception).
+        loop.run_until_complete(asyncio.wait([task]))
         assert task.done()
         del task
         gc.collect()

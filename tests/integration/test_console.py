@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,10 +20,13 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
 from gateway.config import HealthConfig, SecretRef, load_config_text
+from gateway.console.history import RECENT, History, SeriesLog, rates
 from gateway.errors import ConfigError
 from gateway.health import HealthServer
+from gateway.models import Reading
 from gateway.sandbox.qatium import QatiumEmulator
 
 from .daemon import DAEMON_HEAD, Daemon
@@ -162,6 +166,23 @@ def status_numbers(st: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+SHOWN_SERIES = """
+const e = document.querySelector('tr[data-source="tanks"] [data-series="tank1.level"]');
+return e ? e.dataset.value : null;
+"""
+
+
+def stored_last(db: Path, series: str, until_ms: int) -> float | None:
+    """The store's last reading of ``series`` captured by ``until_ms``."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        row = conn.execute(
+            "SELECT r.value FROM readings r JOIN series s ON s.id = r.series"
+            " WHERE s.name = ? AND r.ts <= ? ORDER BY r.ts DESC, r.id DESC LIMIT 1",
+            (series, until_ms),
+        ).fetchone()
+    return None if row is None else float(row[0])
+
+
 def browser_errors(driver: webdriver.Chrome) -> list[dict[str, Any]]:
     return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
 
@@ -217,6 +238,51 @@ async def test_console_in_chromium_matches_status(
         )
         assert dict(pts).keys() == {"qatium", "witness"}
         assert all(n >= 2 for _, n in pts), pts
+
+        # Each series' last value under its source: the store's last reading of it when the
+        # page's history was taken (retried: a reading may land between the two).
+        db = tmp_path / "fg.db"
+        for _ in range(8):
+            shown_v = await off(browser.execute_script, SHOWN_SERIES)
+            h = (await client.get("/history")).json()
+            at_ms = int(h["t_epoch"][-1] * 1000)
+            want = stored_last(db, "tank1.level", at_ms)
+            if h["series"]["tanks"]["tank1.level"]["value"] == want and shown_v is not None:
+                page_v = await off(browser.execute_script, SHOWN_SERIES)
+                if page_v is not None and float(page_v) == want:
+                    break
+            await next_refresh(browser)
+        else:
+            raise AssertionError(f"page {shown_v} vs store {want}")
+
+        # Choosing a series plots its recent values.
+        await off(
+            lambda: Select(browser.find_element(By.ID, "series-pick")).select_by_value(
+                "tank1.level"
+            )
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            n = await off(
+                browser.execute_script,
+                "const p = document.querySelector('#p-series polyline');"
+                "return p ? p.getAttribute('points').trim().split(/\\s+/).length : 0",
+            )
+            if n >= 2:
+                break
+            assert time.monotonic() < deadline, "the chosen series was not plotted"
+            await asyncio.sleep(0.2)
+
+        # No plotted rate implies more readings in its window (at least 0.9 of a sample
+        # interval) than the source made in all.
+        h = (await client.get("/history")).json()
+        made = h["sources"]["tanks"]["readings"][-1]
+        bound = made * 60 / (0.9 * h["interval_s"])
+        assert all(r is None or r <= bound for r in h["sources"]["tanks"]["readings_per_min"])
+        label = await off(
+            browser.execute_script, "return document.querySelector('#p-readings text').textContent"
+        )
+        assert digits(label) <= bound * 1.1 + 1, (label, made)
 
         # The page follows the backlog as it changes.
         before = digits(await off(cell, browser, "uplink", "witness", "backlog"))
@@ -344,3 +410,45 @@ async def test_with_a_token_every_route_but_health_needs_it() -> None:
             assert (await client.get(path, params={"token": TOKEN})).status_code == 200
         login = await client.get("/")
         assert 'type="password"' in login.text
+
+
+def test_rates_span_a_sample_interval_not_the_sliver_before_now() -> None:
+    # Samples every 10 s, then the current values 0.3 s after the last one, just after a
+    # serial logger's burst: the old page drew (142 - 130) / 0.3 s = 2,400/min there.
+    t = [0.0, 10.0, 20.0, 30.0, 40.0, 40.3]
+    v: list[int | None] = [0, 30, 60, 100, 130, 142]
+    r = rates(t, v, 9.0)
+    assert r[0] is None
+    assert r[1:5] == [180.0, 180.0, 240.0, 180.0]
+    assert r[5] == round((142 - 100) / 10.3 * 60, 3)  # since the sample 10.3 s before
+    assert all(x is None or x * 9.0 / 60 <= 142 for x in r)
+    # A missing value (a source added by a reload) has no rate; a counter reset is not negative.
+    assert rates([0.0, 10.0, 20.0], [None, 5, 0], 9.0) == [None, None, 0.0]
+
+
+def test_history_serves_rates_and_bounded_series() -> None:
+    h = History(interval_s=10.0)
+    st = {"uplinks": {"u": {"backlog": 1, "delivered": 0}}, "sources": {"s": {"readings": 0}}}
+    h.record(0.0, st)
+    st2 = {"uplinks": {"u": {"backlog": 0, "delivered": 20}}, "sources": {"s": {"readings": 20}}}
+    d = h.as_dict(h.sample(10.0, st2))
+    assert d["uplinks"]["u"]["delivered_per_min"] == [None, 120.0]
+    assert d["sources"]["s"]["readings_per_min"] == [None, 120.0]
+
+    log = SeriesLog(max_series=2)
+    log.note("a", [Reading("x", 1000, 1.5), Reading("y", 1000, "on"), Reading("z", 1000, 3)])
+    log.note("a", [Reading("x", 500, 9.0)])  # older: not the last value
+    for i in range(RECENT + 5):
+        log.note("a", [Reading("x", 2000 + i * 1000, float(i))])
+    assert log.last() == {
+        "a": {
+            "x": {"value": float(RECENT + 4), "ts_epoch": 2.0 + RECENT + 4},
+            "y": {"value": "on", "ts_epoch": 1.0},
+        }
+    }
+    rx = log.recent("x")
+    assert rx is not None and len(rx["values"]) == RECENT
+    assert rx["values"][-1] == RECENT + 4 and rx["t_epoch"] == sorted(rx["t_epoch"])
+    ry = log.recent("y")
+    assert ry is not None and ry["values"] == []
+    assert log.recent("z") is None  # over the cap
