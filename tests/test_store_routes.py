@@ -121,7 +121,7 @@ async def test_set_routes_while_readings_are_committed_counts_every_one(store: S
             produced += 1
             more -= rerouted.is_set()
             if produced % 10 == 0:
-                await asyncio.sleep(0)  # let the re-routing and the commits interleave
+                await store.flush()  # a commit between batches: re-routing meets it mid-way
 
     producer = asyncio.create_task(produce())
     await store.set_routes({"a": ["s1", "s2"], "b": ["s1", "s2"]})

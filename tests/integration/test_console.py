@@ -10,7 +10,6 @@ import asyncio
 import re
 import socket
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,11 +115,16 @@ async def refreshes(driver: webdriver.Chrome) -> int:
 
 
 async def next_refresh(driver: webdriver.Chrome, timeout: float = 15) -> None:
+    """Wait for the page's next refresh: its ``fg-refreshed`` event after the one seen now."""
     seen = await refreshes(driver)
-    deadline = time.monotonic() + timeout
-    while await refreshes(driver) <= seen:
-        assert time.monotonic() < deadline, "the page did not refresh"
-        await asyncio.sleep(0.1)
+    await off(driver.set_script_timeout, timeout)
+    await off(
+        driver.execute_async_script,
+        "const seen = arguments[0], done = arguments[arguments.length - 1];"
+        "if (+(document.body.dataset.refreshes || 0) > seen) { done(true); return; }"
+        "document.addEventListener('fg-refreshed', () => done(true), {once: true});",
+        seen,
+    )
 
 
 READ = """
@@ -261,8 +265,7 @@ async def test_console_in_chromium_matches_status(
                 "tank1.level"
             )
         )
-        deadline = time.monotonic() + 15
-        while True:
+        for _ in range(10):  # the history is fetched every 10 s, the page refreshes every 2 s
             n = await off(
                 browser.execute_script,
                 "const p = document.querySelector('#p-series polyline');"
@@ -270,8 +273,9 @@ async def test_console_in_chromium_matches_status(
             )
             if n >= 2:
                 break
-            assert time.monotonic() < deadline, "the chosen series was not plotted"
-            await asyncio.sleep(0.2)
+            await next_refresh(browser)
+        else:
+            raise AssertionError("the chosen series was not plotted")
 
         # No plotted rate implies more readings in its window (at least 0.9 of a sample
         # interval) than the source made in all.
@@ -286,10 +290,12 @@ async def test_console_in_chromium_matches_status(
 
         # The page follows the backlog as it changes.
         before = digits(await off(cell, browser, "uplink", "witness", "backlog"))
-        deadline = time.monotonic() + 20
-        while digits(await off(cell, browser, "uplink", "witness", "backlog")) <= before:
-            assert time.monotonic() < deadline, "the page's backlog did not move"
-            await asyncio.sleep(0.2)
+        for _ in range(10):
+            await next_refresh(browser)
+            if digits(await off(cell, browser, "uplink", "witness", "backlog")) > before:
+                break
+        else:
+            raise AssertionError("the page's backlog did not move in 10 refreshes")
 
     await off(browser.save_screenshot, str(tmp_path / "console.png"))
     assert (tmp_path / "console.png").stat().st_size > 5000
