@@ -1,11 +1,22 @@
 """End-to-end benchmark: Modbus TCP -> gateway -> SQLite -> MQTT QoS 1 -> counting subscriber.
 
     .venv/bin/python bench/e2e.py run [--gateway fieldgate|peer|both] [--units 200]
-        [--registers 125] [--interval 1.0] [--seconds 300] [--warmup 10] [--out FILE.json]
+        [--registers 125] [--interval 1.0] [--seconds 300] [--warmup 10] [--pin]
+        [--out FILE.json]
     .venv/bin/python bench/e2e.py idle [--gateway ...]        # RSS with one device, one uplink
     .venv/bin/python bench/e2e.py outage [--gateway ...] [--down 30] [--outages 1] [--up S]
         [--kill]                                              # broker down, then back
     .venv/bin/python bench/e2e.py suite [--seconds 300]      # everything BENCHMARKS.md reports
+
+``--pin`` (any scenario; needs 2 CPUs or more and ``taskset``): the gateway under test runs on
+CPU 0 alone (the lowest CPU this process may use), everything else on the remaining ones: the
+simulator, mosquitto, the subscriber and the harness itself. fieldgate is started through
+``taskset -c 0``, the peer from a harness thread switched to CPU 0 for the fork, so either one
+is pinned before it starts a thread (fieldgate's aiosqlite worker included); the other parts
+inherit the harness's CPUs. The result's ``"pinned"`` holds the plan (``"gateway"``, ``"rest"``)
+and ``"read"``: each process's ``Cpus_allowed_list`` from ``/proc/<pid>/status`` after the
+warm-up (every gateway thread's too), and ``"ok"`` when all of them match the plan. ``suite``
+adds a pinned 25k run (``load_25k_pinned``) on a machine with 2 CPUs or more.
 
 Every run starts its own parts, all on loopback:
 
@@ -26,6 +37,12 @@ CPU is the gateway process's user+system time over the measured window (after ``
 as % of one core; RSS is sampled every second (VmRSS). Latency is the subscriber's arrival time
 minus the reading's timestamp (the poll), per point: broker acknowledgement and delivery to the
 subscriber are one broker step apart on loopback.
+
+``outage`` also reports how fast the backlog leaves once the broker is back: ``drain_points_per_s``
+is the points of the polls that arrived whole from the first delivery after the broker was back up
+to the caught-up moment (the backlog, plus the live polls taken meanwhile), divided by that span:
+points per second leaving the gateway while it catches up. ``drain_vs_live`` is that over the
+offered live rate (units x registers / interval): 1.0 would mean it never catches up.
 """
 
 from __future__ import annotations
@@ -35,13 +52,14 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +120,92 @@ class Sampler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+# -- pinning (--pin) ------------------------------------------------------------------------
+
+
+def cpu_list(cpus: Iterable[int]) -> str:
+    """CPUs as the kernel writes ``Cpus_allowed_list`` (and taskset -c reads): ``0,2-3``."""
+    runs: list[list[int]] = []
+    for c in sorted(set(cpus)):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The gateway under test on ``gateway``, every other part of the rig on ``rest``."""
+
+    gateway: frozenset[int]
+    rest: frozenset[int]
+
+    def as_json(self) -> dict[str, str]:
+        return {"gateway": cpu_list(self.gateway), "rest": cpu_list(self.rest)}
+
+
+def pin_plan(available: Iterable[int]) -> Pin:
+    """The lowest available CPU (CPU 0 on an unrestricted machine) for the gateway, the others
+    for the rest; ValueError when there is only one."""
+    cpus = sorted(set(available))
+    if len(cpus) < 2:
+        raise ValueError(
+            f"--pin needs at least 2 CPUs (this process may use {len(cpus)}: "
+            f"{cpu_list(cpus) or 'none'}): the gateway gets one to itself, the rest another"
+        )
+    return Pin(frozenset(cpus[:1]), frozenset(cpus[1:]))
+
+
+def pinned_command(cmd: Sequence[str], cpus: Iterable[int]) -> list[str]:
+    """``cmd`` started through taskset on ``cpus``: pinned before its first instruction, so
+    every thread it starts is too."""
+    return ["taskset", "-c", cpu_list(cpus), *cmd]
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []
+
+
+def allowed_cpus(pid: int, tid: int | None = None) -> str | None:
+    """``Cpus_allowed_list`` of a process (its main thread) or of one of its threads."""
+    path = f"/proc/{pid}/task/{tid}/status" if tid is not None else f"/proc/{pid}/status"
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def set_harness_cpus(cpus: Iterable[int]) -> None:
+    """Every thread of this process on ``cpus`` (sched_setaffinity(0) moves only the calling
+    thread); processes and threads started afterwards inherit it."""
+    cpus = set(cpus)
+    for tid in _threads(os.getpid()):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, cpus)
+
+
+@contextlib.contextmanager
+def forking_on(cpus: Iterable[int] | None) -> Iterator[None]:
+    """The calling thread on ``cpus`` for the block: a child forked in it starts pinned (for
+    launchers that build their own command line, as the peer's does)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cpus))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 # -- the parts ------------------------------------------------------------------------------
@@ -195,6 +299,8 @@ class GatewayProcess:
     """A gateway under test as a child process: its pid, kill -9, and SIGTERM with a deadline."""
 
     proc: subprocess.Popen[bytes] | None
+    #: --pin: the CPUs the gateway is started on (None: wherever the harness runs)
+    cpus: frozenset[int] | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -305,8 +411,9 @@ class Fieldgate(GatewayProcess):
 
     def start(self) -> None:
         log = (self.workdir / "fieldgate.log").open("ab")
+        cmd = [sys.executable, "-m", "gateway", "run", "--config", str(self.config)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+            pinned_command(cmd, self.cpus) if self.cpus else cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -372,7 +479,8 @@ class Peer(GatewayProcess):
     def start(self) -> None:
         if self._stub is None:
             self._stub = asyncio.get_running_loop().create_task(self._stub_forever())
-        self.proc = self.tb.start_peer(self.python, self.config_dir, self.workdir / "peer.log")
+        with forking_on(self.cpus):  # start_peer builds its own command line: no taskset
+            self.proc = self.tb.start_peer(self.python, self.config_dir, self.workdir / "peer.log")
 
     def _send(self, sig: int) -> None:
         assert self.proc is not None
@@ -401,11 +509,31 @@ class Rig:
     broker: Mosquitto
     gw: Gateway
     sub: Subscriber
+    pin: Pin | None = None
 
 
 @contextlib.asynccontextmanager
 async def rig(which: str, args: argparse.Namespace, **fg_extra: Any) -> AsyncIterator[Rig]:
     units = range(1, args.units + 1)
+    pin: Pin | None = None
+    harness_cpus = os.sched_getaffinity(0)
+    if getattr(args, "pin", False):
+        pin = pin_plan(harness_cpus)
+        # Before any part starts: the simulator, mosquitto (restarts included) and the
+        # subscriber inherit the harness's CPUs; only the gateway is started on pin.gateway.
+        set_harness_cpus(pin.rest)
+    try:
+        async with _rig(which, args, units, pin, **fg_extra) as r:
+            yield r
+    finally:
+        if pin is not None:
+            set_harness_cpus(harness_cpus)  # suite: the next scenario may not be pinned
+
+
+@contextlib.asynccontextmanager
+async def _rig(
+    which: str, args: argparse.Namespace, units: range, pin: Pin | None, **fg_extra: Any
+) -> AsyncIterator[Rig]:
     with tempfile.TemporaryDirectory(prefix=f"fieldgate-e2e-{which}-") as tmp:
         workdir = Path(tmp)
         sim = Simulator(units, args.registers)
@@ -430,15 +558,48 @@ async def rig(which: str, args: argparse.Namespace, **fg_extra: Any) -> AsyncIte
                 gw = Fieldgate(workdir, **common, **fg_extra)
             else:
                 gw = Peer(workdir, **common, venv=Path(args.peer_venv))
+            gw.cpus = pin.gateway if pin is not None else None
             sub = Subscriber(broker.port, gw.topic, gw.fmt, units, args.registers)
             try:
-                yield Rig(workdir, units, args.registers, args.interval, sim, broker, gw, sub)
+                yield Rig(workdir, units, args.registers, args.interval, sim, broker, gw, sub, pin)
             finally:
                 gw.stop()
                 sub.close()
         finally:
             await broker.aclose()
             sim.close()
+
+
+def pin_report(r: Rig) -> dict[str, Any] | None:
+    """--pin: the plan and each part's ``Cpus_allowed_list`` as read now (None unpinned)."""
+    if r.pin is None:
+        return None
+    plan = r.pin.as_json()
+    gw_threads = {
+        f"{pid}/{tid}": allowed_cpus(pid, tid) for pid in r.gw.pids for tid in _threads(pid)
+    }
+    parts = {
+        "simulator": r.sim.proc.pid if r.sim.proc is not None else None,
+        "mosquitto": r.broker.pid,
+        "subscriber": r.sub.proc.pid,
+        "harness": os.getpid(),
+    }
+    read: dict[str, Any] = {
+        "gateway": allowed_cpus(r.gw.pids[0]),
+        "gateway_threads": sorted({v for v in gw_threads.values() if v is not None}),
+        "gateway_thread_count": len(gw_threads),
+        **{name: allowed_cpus(pid) if pid else None for name, pid in parts.items()},
+        "harness_threads": sorted(
+            {v for t in _threads(os.getpid()) if (v := allowed_cpus(os.getpid(), t)) is not None}
+        ),
+    }
+    ok = (
+        read["gateway"] == plan["gateway"]
+        and read["gateway_threads"] == [plan["gateway"]]
+        and all(read[name] == plan["rest"] for name in parts)
+        and read["harness_threads"] == [plan["rest"]]
+    )
+    return {**plan, "read": read, "ok": ok}
 
 
 async def drain(
@@ -508,6 +669,7 @@ async def scenario_run(which: str, args: argparse.Namespace) -> dict[str, Any]:
     async with rig(which, args, **extra) as r:
         sampler = start_gateway(r)
         await asyncio.sleep(args.warmup)  # let connections and caches settle before measuring
+        pinned = pin_report(r)  # after the warm-up: the gateway's threads have all started
         r.sub.ask("mark")
         p0, c0, t0 = r.sub.ask("stats")["points"], sampler.cpu(), time.monotonic()
         rss_from = len(sampler.rss)
@@ -559,6 +721,7 @@ async def scenario_run(which: str, args: argparse.Namespace) -> dict[str, Any]:
             "cpu_us_per_point": round(1e6 * (c1 - c0) / max(delivered, 1), 2),
             "rss_mib": {"mean": round(sum(rss) / len(rss), 1), "max": round(max(rss), 1)},
             "latency_ms": st1["latency_ms"],
+            **({"pinned": pinned} if pinned else {}),
             "exit_code": rc,
             **acct,
         }
@@ -570,6 +733,7 @@ async def scenario_idle(which: str, args: argparse.Namespace) -> dict[str, Any]:
     async with rig(which, args, **extra) as r:
         sampler = start_gateway(r)
         await asyncio.sleep(args.seconds)  # idle: one device polled, nothing else happens
+        pinned = pin_report(r)
         await sampler.stop()
         st = r.sub.ask("stats")
         return {
@@ -581,6 +745,7 @@ async def scenario_idle(which: str, args: argparse.Namespace) -> dict[str, Any]:
             "seconds": args.seconds,
             "points_received": st["points"],
             "rss_mib": {"end": round(sampler.rss[-1], 1), "max": round(max(sampler.rss), 1)},
+            **({"pinned": pinned} if pinned else {}),
         }
 
 
@@ -596,7 +761,13 @@ def first_delivery_median(each: Sequence[float | None]) -> float | None:
 
 
 def outage_figures(
-    whole: dict[str, list[list[int]]], down_ms: int, up_ms: int, until_ms: int | None
+    whole: dict[str, list[list[int]]],
+    down_ms: int,
+    up_ms: int,
+    until_ms: int | None,
+    *,
+    registers: int,
+    live_points_per_s: float,
 ) -> dict[str, float | None]:
     """One outage's reconnect and catch-up, seen from the subscriber (arrival times, ms).
 
@@ -604,6 +775,14 @@ def outage_figures(
     older message the broker redelivers from its saved queue) that arrived after the broker was
     back, before the next outage. Caught up: the last poll taken during the outage arrived
     (when that was only after the next outage, its figure includes that outage).
+
+    Drain rate: points per second leaving the gateway while it catches up, i.e. the polls taken
+    since the broker went down that arrived whole between the first delivery and the caught-up
+    arrival (both included; the backlog plus the live polls taken meanwhile), ``registers``
+    points each, over that span; ``drain_vs_live`` is that over ``live_points_per_s``, the
+    offered rate. None when the span is empty or reaches into the next outage (a rate over a
+    window with the broker down again would say nothing about draining). A small backlog
+    leaves in one burst of a few ms: the figure is then that burst's rate, not a sustained one.
     """
     end = until_ms if until_ms is not None else 1 << 62
     polls = [(ts, at) for v in whole.values() for _c, ts, at in v]
@@ -611,11 +790,20 @@ def outage_figures(
     during = [at for ts, at in polls if down_ms <= ts < up_ms]
     first = round((min(after) - up_ms) / 1000, 2) if after else None
     caught = round((max(during) - up_ms) / 1000, 2) if during else None
+    drain: float | None = None
+    if after and during and min(after) < max(during) < end:
+        first_at, caught_at = min(after), max(during)
+        n = sum(1 for ts, at in polls if ts >= down_ms and first_at <= at <= caught_at)
+        drain = n * registers / ((caught_at - first_at) / 1000)
     return {
         "first_delivery_after_broker_up_s": first,
         "caught_up_s": caught,
         "caught_up_after_reconnect_s": (
             round(caught - first, 2) if caught is not None and first is not None else None
+        ),
+        "drain_points_per_s": round(drain) if drain is not None else None,
+        "drain_vs_live": (
+            round(drain / live_points_per_s, 2) if drain is not None and live_points_per_s else None
         ),
     }
 
@@ -631,6 +819,7 @@ async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any
     async with rig(which, args, **extra) as r:
         sampler = start_gateway(r)
         await asyncio.sleep(args.warmup)
+        pinned = pin_report(r)
         durable: dict[int, int] = {}
         spans: list[tuple[float, float]] = []  # (down, up) wall times
         for i in range(outages):
@@ -650,20 +839,29 @@ async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any
             spans.append((down_at, time.time()))
             # Catching up, then live again, until the next outage (the last: as long as one).
             await asyncio.sleep(up_s if i + 1 < outages else max(up_s, args.down))
+        if pinned is not None:
+            # Again at the end: the broker restarted (and with --kill, the gateway).
+            end = pin_report(r)
+            assert end is not None
+            pinned = {**pinned, "read_end": end["read"], "ok": pinned["ok"] and end["ok"]}
         polls = r.sim.hush()
         # A gateway may still be waiting out its reconnect backoff: allow it a long silence.
         st = await drain(r, sum(polls.values()) * r.registers, quiet_s=60.0)
         await sampler.stop()
         acct = account(r, polls, st)
+        live = len(r.units) * r.registers / r.interval
         each = []
         for i, (down_at, up_at) in enumerate(spans):
             nxt = int(spans[i + 1][0] * 1000) if i + 1 < len(spans) else None
-            each.append(
-                {
-                    "down_s": round(up_at - down_at, 1),
-                    **outage_figures(acct["_whole"], int(down_at * 1000), int(up_at * 1000), nxt),
-                }
+            figures = outage_figures(
+                acct["_whole"],
+                int(down_at * 1000),
+                int(up_at * 1000),
+                nxt,
+                registers=r.registers,
+                live_points_per_s=live,
             )
+            each.append({"down_s": round(up_at - down_at, 1), **figures})
         each_first = [e["first_delivery_after_broker_up_s"] for e in each]
         firsts = [float(x) for x in each_first if x is not None]
         down_s = spans[0][1] - spans[0][0]
@@ -681,11 +879,17 @@ async def scenario_outage(which: str, args: argparse.Namespace) -> dict[str, Any
             # The first outage's figures under the names earlier runs used.
             **{k: each[0][k] for k in ("caught_up_s", "first_delivery_after_broker_up_s")},
             "caught_up_after_reconnect_s": each[0]["caught_up_after_reconnect_s"],
+            "offered_points_per_s": live,
+            "drain_points_per_s": each[0]["drain_points_per_s"],
+            "drain_vs_live": each[0]["drain_vs_live"],
             "first_delivery_s_each": each_first,
             "first_delivery_s_median": first_delivery_median(each_first),
             "first_delivery_s_max": max(firsts) if firsts else None,
             "outages_without_delivery": len(each) - len(firsts),
             "caught_up_after_reconnect_s_each": [e["caught_up_after_reconnect_s"] for e in each],
+            "drain_points_per_s_each": [e["drain_points_per_s"] for e in each],
+            "drain_vs_live_each": [e["drain_vs_live"] for e in each],
+            **({"pinned": pinned} if pinned else {}),
             "rss_mib_max": round(max(sampler.rss), 1) if sampler.rss else None,
             **acct,
         }
@@ -711,6 +915,9 @@ async def scenario_suite(which: str, args: argparse.Namespace) -> dict[str, Any]
             which, with_(seconds=args.idle_seconds, interval=1.0, health=True)
         )
     out["load_25k"] = await scenario_run(which, with_(units=200, interval=1.0))
+    if len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset"):
+        # The same load with the gateway alone on CPU 0 and the rig on the others (--pin).
+        out["load_25k_pinned"] = await scenario_run(which, with_(units=200, interval=1.0, pin=True))
     out["load_high"] = await scenario_run(
         which, with_(units=args.high_units, interval=args.high_interval)
     )
@@ -787,8 +994,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--high-units", type=int, default=100, help="suite: the high-rate run")
     ap.add_argument("--high-interval", type=float, default=0.1, help="suite: the high-rate run")
     ap.add_argument("--profile", help="py-spy collapsed stacks of the gateway to this file")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the gateway alone on CPU 0, the simulator, mosquitto, subscriber and harness on "
+        "the other CPUs (taskset; needs 2 CPUs or more)",
+    )
     ap.add_argument("--out")
-    asyncio.run(main_async(ap.parse_args(argv)))
+    args = ap.parse_args(argv)
+    if args.pin:
+        try:
+            pin_plan(os.sched_getaffinity(0))
+        except ValueError as e:
+            ap.error(str(e))
+        if shutil.which("taskset") is None:
+            ap.error("--pin needs taskset (util-linux) on PATH")
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gateway import __version__
+from gateway import __version__, heap
 from gateway.backoff import Backoff
 from gateway.clock import Clock
 from gateway.config import LoadedConfig, Settings, SourceConfig, load_config
@@ -200,6 +200,7 @@ class Gateway:
                 self._start_runner(r)
             watchdog = tg.create_task(self._watchdog(store), name="watchdog")
             reloader = tg.create_task(self._reloader(), name="reload")
+            heap.settle()  # what start-up built lives as long as the process (gateway/heap.py)
             self.notifier.ready()
             self.ready.set()
             log.info(
@@ -435,6 +436,7 @@ class Gateway:
                 sources[n] = source
                 self._start_source(source)
             self.sources = [sources[n] for n in src_cfgs]
+            heap.settle()  # what the reload dropped is collected; what it built, kept
         finally:
             self.notifier.ready()
 

@@ -97,13 +97,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
+from operator import and_, attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
 from gateway.configbase import ClockConfig
-from gateway.models import Quality, Reading, StoredReading
+from gateway.models import Quality, Reading, ReadingBatch, StoredReading
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +130,10 @@ REPAIRED = int(Quality.CLOCK_REPAIRED)
 # judged by it), on the boot's frame (flagged: moved by the repair), or a source's own time kept
 # while unsynchronised (not moved by the repair, so never compared with frame stamps).
 CLOCK, FRAME, OWN = 0, 1, 2
+#: What a series with no stamp yet compares as (before any timestamp).
+_NO_PREV = (-(1 << 63), CLOCK)
+_TS = attrgetter("ts")
+_QUALITY = attrgetter("quality")
 
 _BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
 
@@ -310,6 +316,9 @@ class Clock:
         self._restart_warned: set[str] = set()
         #: Per series: its last timestamp and what it was (CLOCK, FRAME or OWN).
         self._last: dict[str, tuple[int, int]] = {}
+        #: Never below any timestamp in ``_last``: a poll stamped later than it is later than
+        #: every series' last stamp, with no need to look them up.
+        self._newest = _NO_PREV[0]
         self._lock = asyncio.Lock()
         self._take_probe(self._probe(), wall, at_start=True)
 
@@ -370,6 +379,7 @@ class Clock:
             s: ((ts + delta, CLOCK) if kind == FRAME else (ts, CLOCK))
             for s, (ts, kind) in self._last.items()
         }
+        self._newest = max((ts for ts, _ in self._last.values()), default=_NO_PREV[0])
         # A source's own time kept while unsynchronised may lie beyond the bound now judged.
         self._forget_beyond(self._look_mono + self._offset + self._future_ms, "sync")
         if self._store is not None and self.first_id is not None:
@@ -448,7 +458,7 @@ class Clock:
     # ------------------------------------------------------------------------------------------
     # Stamping
 
-    def stamp(self, readings: Sequence[Reading]) -> list[Reading]:
+    def stamp(self, readings: Sequence[Reading]) -> Sequence[Reading]:
         """The readings as they are to be stored: flags and timestamps per the module docstring.
         Readings with an implausible timestamp are left out (counted, see the module docstring),
         so fewer may come back, the rest in their order.
@@ -467,6 +477,27 @@ class Clock:
         newest, oldest = mono + self._future_ms, mono - self._age_ms
         top = newest + (offset if synced else max(offset, ref))
         last, rejecting = self._last, self._rejecting
+        if isinstance(readings, ReadingBatch) and readings:
+            # One poll: one timestamp for all. When it is within bounds and every series' last
+            # stamp is older, each reading gets exactly what the loop below would give it, so
+            # the batch is stamped as a whole (columns untouched). Otherwise, the loop.
+            b = readings
+            ts, q = b.ts, b.quality
+            taken = offset if step is None else _offset_at_capture(ts, mono, offset, step)
+            captured = ts - taken
+            if oldest <= captured <= newest:
+                ts, q, kind = _in_bounds(
+                    ts, q, captured, taken=taken, synced=synced, offset=offset, ref=ref
+                )
+                series = b.series
+                newer = ts > self._newest or max(map(last.get, series, repeat(_NO_PREV)))[0] < ts
+                if newer and len(set(series)) == len(series):  # no bump, no series twice
+                    last.update(zip(series, repeat((ts, kind))))
+                    self._newest = max(self._newest, ts)
+                    if rejecting and not rejecting.keys().isdisjoint(series):
+                        for name in series:
+                            rejecting.pop(name, None)
+                    return b if ts == b.ts and q == b.quality else b.with_stamp(ts, q)
         out: list[Reading] = []
         for r in readings:
             ts, q = r.ts, r.quality
@@ -486,18 +517,11 @@ class Clock:
             elif captured < oldest:
                 self._reject(r, "past", oldest + offset, mono + offset)
                 continue
-            elif synced:
-                kind, hi = CLOCK, top
-                if taken != offset:
-                    ts = captured + offset
-                    q |= REPAIRED
-                if ts < MIN_PLAUSIBLE_MS:
-                    q |= UNSYNCED
-                    kind = FRAME
             else:
-                kind, hi = FRAME, top
-                ts = captured + ref
-                q |= UNSYNCED
+                ts, q, kind = _in_bounds(
+                    ts, q, captured, taken=taken, synced=synced, offset=offset, ref=ref
+                )
+                hi = top
             prev = last.get(r.series)
             if prev is not None and ts <= prev[0]:
                 # A frame stamp is not bumped past a source's own time: the repair moves the
@@ -508,6 +532,7 @@ class Clock:
                 else:
                     self._restarted(r.series, prev[0], hi)
             last[r.series] = (ts, kind)
+            self._newest = max(self._newest, ts)
             if rejecting and r.series in rejecting:
                 del rejecting[r.series]  # accepted again: the next rejection is news
             out.append(r if ts == r.ts and q == r.quality else replace(r, ts=ts, quality=q))
@@ -576,7 +601,10 @@ class Clock:
 
     def gate(self, items: Sequence[StoredReading], *, hold_unsynced: bool) -> Gate:
         """Split a lease for an uplink: see :class:`Gate` and the module docstring."""
-        if not any(i.quality & UNSYNCED or i.ts < MIN_PLAUSIBLE_MS for i in items):
+        if not items or (
+            min(map(_TS, items)) >= MIN_PLAUSIBLE_MS
+            and not any(map(and_, map(_QUALITY, items), repeat(UNSYNCED)))
+        ):
             return Gate(list(items))  # the usual lease: nothing held, nothing refused
 
         def waits(i: StoredReading) -> bool:
@@ -628,6 +656,24 @@ def iso_ms(ms: int) -> str:
     except OverflowError:
         return f"{ms} ms since 1970"
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _in_bounds(
+    ts: int, q: int, captured: int, *, taken: int, synced: bool, offset: int, ref: int
+) -> tuple[int, int, int]:
+    """A reading's (timestamp, quality, kind) when its capture time is within the bounds: on
+    the synchronised clock (moved by a step it was stamped before, flagged when the clock says
+    before 2020), or on the frame of an unsynchronised clock, flagged (module docstring)."""
+    if not synced:
+        return captured + ref, q | UNSYNCED, FRAME
+    kind = CLOCK
+    if taken != offset:
+        ts = captured + offset
+        q |= REPAIRED
+    if ts < MIN_PLAUSIBLE_MS:
+        q |= UNSYNCED
+        kind = FRAME
+    return ts, q, kind
 
 
 def _offset_at_capture(ts: int, mono: int, offset: int, step: Step) -> int:

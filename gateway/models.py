@@ -8,8 +8,11 @@ reading the store has committed, with the id uplinks acknowledge it by.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntFlag
+from itertools import repeat
+from typing import NamedTuple, overload
 
 Value = float | int | bool | str
 
@@ -50,9 +53,13 @@ class Reading:
     quality: int = 0
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class StoredReading:
-    """A captured reading as an uplink sees it: ``id`` is its place in the store's queue."""
+class StoredReading(NamedTuple):
+    """A captured reading as an uplink sees it: ``id`` is its place in the store's queue.
+
+    A named tuple, not a dataclass: the store's lease makes one per leased row, and a tuple is
+    built from a result row in C (``tuple.__new__`` over zipped columns, gateway/store/cursors.py)
+    where a dataclass runs its Python ``__init__``; its fields are read as fast.
+    """
 
     id: int
     series: str
@@ -60,6 +67,54 @@ class StoredReading:
     value: Value
     position: Position | None = None
     quality: int = 0
+
+
+class ReadingBatch(Sequence[Reading]):
+    """Readings of one instant as columns: one poll of a device (``series[i]`` has
+    ``values[i]``), all with the same ``ts`` and ``quality`` and no position.
+
+    It travels from the source through the clock's stamp into the store's queue and its INSERT
+    as one object, so a poll of 125 registers costs one object, not 125 (BENCHMARKS.md). It *is*
+    a sequence of :class:`Reading`: anything that iterates or indexes it gets readings equal to
+    what the source would have made one by one, so only the hot path needs to know it.
+    ``series`` is usually one tuple shared by every poll of a device's request.
+    """
+
+    __slots__ = ("quality", "series", "ts", "values")
+
+    def __init__(
+        self, series: Sequence[str], ts: int, values: Sequence[Value], quality: int = 0
+    ) -> None:
+        if len(series) != len(values):
+            raise ValueError(f"{len(series)} series for {len(values)} values")
+        self.series = series
+        self.ts = ts
+        self.values = values
+        self.quality = quality
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @overload
+    def __getitem__(self, i: int) -> Reading: ...
+    @overload
+    def __getitem__(self, i: slice) -> ReadingBatch: ...
+    def __getitem__(self, i: int | slice) -> Reading | ReadingBatch:
+        if isinstance(i, slice):
+            return ReadingBatch(self.series[i], self.ts, self.values[i], self.quality)
+        return Reading(self.series[i], self.ts, self.values[i], None, self.quality)
+
+    def __iter__(self) -> Iterator[Reading]:
+        return map(
+            Reading, self.series, repeat(self.ts), self.values, repeat(None), repeat(self.quality)
+        )
+
+    def __repr__(self) -> str:
+        return f"ReadingBatch({len(self)} readings, ts={self.ts}, quality={self.quality})"
+
+    def with_stamp(self, ts: int, quality: int) -> ReadingBatch:
+        """The same readings with another timestamp and quality (columns shared)."""
+        return ReadingBatch(self.series, ts, self.values, quality)
 
 
 def value_problem(value: object) -> str | None:

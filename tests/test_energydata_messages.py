@@ -384,3 +384,80 @@ def test_the_sample_config_section_loads() -> None:
     assert up.wire.header("well3.level") == "19323"
     assert "tank.level" not in up.routes
     assert cfg.token.credential == "energydata"
+
+
+# A lease at a time (ChecksInBulk): the same answers as item by item, and the runner uses it.
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    items=st.lists(
+        st.tuples(
+            st.sampled_from([r["series"] for r in ROUTES]),
+            st.one_of(st.integers(-5, 5), st.integers(1_700_000_000_000, 1_800_000_000_000)),
+            st.one_of(
+                st.integers(-(2**70), 2**70),
+                st.floats(allow_nan=True, allow_infinity=True),
+                st.booleans(),
+                st.text(max_size=5),
+            ),
+        ),
+        max_size=30,
+    )
+)
+def test_checking_and_sizing_a_lease_at_once_answers_as_item_by_item(
+    items: list[tuple[str, int, object]],
+) -> None:
+    up = uplink()
+    batch = [StoredReading(i + 1, s, ts, v) for i, (s, ts, v) in enumerate(items)]  # type: ignore[arg-type]
+    one_by_one = {r.id: why for r in batch if (why := up.check(r)) is not None}
+    assert up.check_all(batch) == one_by_one
+    assert up.sizes(batch) == [up.item_size(r) for r in batch]
+    assert up.group_keys(batch) is None and all(up.group_key(r) is None for r in batch)
+
+
+def test_a_lease_of_plain_ints_passes_the_bulk_check_and_one_bad_item_is_named() -> None:
+    up = uplink()
+    batch = [StoredReading(i, "n", 1_800_000_000_000, i) for i in range(1, 6)]
+    assert up.check_all(batch) == {}
+    batch[2] = StoredReading(3, "n", 1_800_000_000_000, 2.5)
+    assert up.check_all(batch) == {3: "datastream type is integer, got 2.5"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(["t1", "t2", "n", "p", "s"]),
+            st.sampled_from([1_800_000_000_000, 1_800_000_001_000]),
+            st.one_of(st.integers(-(2**40), 2**40), st.floats(-1e3, 1e3), st.booleans()),
+        ),
+        max_size=40,
+    ),
+    max_values=st.integers(1, 5),
+)
+def test_messages_built_column_by_column_are_those_built_reading_by_reading(
+    rows: list[tuple[str, int, object]], max_values: int
+) -> None:
+    from gateway.uplinks.energydata.messages import _build_columns, _build_loop
+
+    up = uplink()
+    wire = up._wire
+    batch = [StoredReading(i + 1, s, ts, v) for i, (s, ts, v) in enumerate(rows)]  # type: ignore[arg-type]
+    loop = _build_loop(batch, wire, max_values)
+    columns = _build_columns(batch, wire, max_values)
+    if columns is not None:
+        assert columns == loop
+    assert (
+        build_messages(batch, up.routes, {d.name: d for d in up.cfg.datasets}, wire, max_values)
+        == loop
+    )
+
+
+def test_a_poll_of_ints_goes_the_column_way() -> None:
+    from gateway.uplinks.energydata.messages import _build_columns
+
+    up = uplink()
+    batch = [StoredReading(i, s, 1_800_000_000_000, i) for i, s in enumerate(["t1", "t2", "n"], 1)]
+    got = _build_columns(batch, up._wire, 250)
+    assert got is not None and [m.ids for m in got] == [(1, 2, 3)]

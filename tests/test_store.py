@@ -299,9 +299,11 @@ async def test_a_batch_committed_while_its_task_was_cancelled_commits_again_harm
     s, t = await opened(cfg, {"a": ["s1"]})
     batch = [Reading("s1", now_ms() + i, i) for i in range(3)]
     s._buffer.extend(batch)
-    await s._commit_batch(list(batch))  # committed ...
+    s._buffered += 3
+    await s._commit_batch(list(batch), 3)  # committed ...
     s._max_id -= 3  # ... but as if the awaiting task was cancelled before its bookkeeping
     s._buffer[:0] = batch
+    s._buffered += 3
     await s.ingest([], durable=False)
     await s._commit_buffer()
     assert s.last_commit_error is None

@@ -5,6 +5,9 @@ Guarantees a caller may rely on:
 * A reading is **captured** once the group commit holding it has committed (``await flush()``
   or ``await ingest(..., durable=True)`` wait for that). Commits are grouped by count or by
   ``commit_interval_ms`` so an SD card sees few, large writes.
+  A poll's readings may come as one :class:`~gateway.models.ReadingBatch` (columns): it stays
+  one entry in the buffer (split only at a commit's row limit) and its rows are made by zipping
+  its columns; every guarantee here holds for each reading in it as for a single one.
 * Each uplink has its own delivery position: an :class:`~gateway.intervals.IntervalSet` of ids
   that are done for it (delivered, dead-lettered, evicted, or of series not routed to it), plus
   the ids currently leased in memory. Readings are not copied per uplink. A lease that is never
@@ -90,6 +93,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -240,9 +244,10 @@ class Store(_Writer, _Cursors, _Maintenance, _DeadLetters):
     async def _load(self) -> None:
         r = self._read
         async with r.execute("SELECT id, name FROM series") as cur:
-            async for sid, name in cur:
+            async for sid, text in cur:
+                name = sys.intern(text)  # see _intern
                 self._series[name] = sid
-                self._series_names[sid] = name
+                self._name_series(sid, name)
         self._max_id = await _scalar(r, "SELECT coalesce(max(id), 0) FROM readings") or 0
         self._min_id = await _scalar(r, "SELECT coalesce(min(id), 1) FROM readings") or 1
         known = await self._saved_cursors()
@@ -369,10 +374,10 @@ class Store(_Writer, _Cursors, _Maintenance, _DeadLetters):
                     await self._has_data.wait()
             if self._buffer:
                 # Group: wait for more unless the batch is already big or a flush is waiting.
-                if len(self._buffer) < self.cfg.commit_max_rows and not self._flush_wanted:
+                if self._buffered < self.cfg.commit_max_rows and not self._flush_wanted:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(interval):
-                            while len(self._buffer) < self.cfg.commit_max_rows:
+                            while self._buffered < self.cfg.commit_max_rows:
                                 self._has_data.clear()
                                 await self._has_data.wait()
                                 if self._flush_wanted:
@@ -386,7 +391,7 @@ class Store(_Writer, _Cursors, _Maintenance, _DeadLetters):
                     log.error(
                         "store_commit_failed",
                         error=self.last_commit_error,
-                        buffered=len(self._buffer),
+                        buffered=self._buffered,
                     )
                     if _is_disk_full(exc):
                         await self._evict_for_space()
@@ -460,7 +465,7 @@ class Store(_Writer, _Cursors, _Maintenance, _DeadLetters):
             "readings_stored": max(0, self._max_id - self._min_id + 1),
             "captured_total": self.captured_total,
             "evicted_total": self.evicted_total,
-            "buffered": len(self._buffer),
+            "buffered": self._buffered,
             "commits_total": self.commits_total,
             "last_commit_at": self.last_commit_at,
             "last_commit_error": self.last_commit_error,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -28,7 +29,7 @@ from gateway.configbase import StoreConfig
 from gateway.errors import StoreError
 from gateway.intervals import IntervalSet
 from gateway.lockfile import StoreLock
-from gateway.models import Reading, StoredReading
+from gateway.models import Reading, ReadingBatch, StoredReading
 from gateway.routes import SeriesFilter
 from gateway.store.salvage import Salvage
 
@@ -106,12 +107,18 @@ class _StoreBase:
         #: The writer connection: one statement or transaction at a time (the innermost lock).
         self._wlock = asyncio.Lock()
         self._series: dict[str, int] = {}
-        self._series_names: dict[int, str] = {}
-        self._uplinks_by_series: dict[int, list[_Cursor]] = {}
+        #: Series names by id (the list's index; ids are dense, from 1): a list, not a dict,
+        #: costs 8 bytes a series instead of about 50.
+        self._series_names: list[str | None] = [None]
+        #: Per series id, the uplinks it is routed to (series routed alike share one tuple).
+        self._uplinks_by_series: dict[int, tuple[_Cursor, ...]] = {}
         self._cursors: dict[str, _Cursor] = {}
         self._max_id = 0
         self._min_id = 1
-        self._buffer: list[Reading] = []
+        #: Readings queued for the next group commit, in id order: single readings, or a poll's
+        #: batch as one entry (writer.py). ``_buffered`` counts readings, not entries.
+        self._buffer: list[Reading | ReadingBatch] = []
+        self._buffered = 0
         self._enqueued_rows = 0
         self._committed_rows = 0
         self._flush_wanted = False
@@ -143,11 +150,12 @@ class _StoreBase:
         self.last_commit_error: str | None = None
         self._commit_started: float | None = None
         self.bytes_used = 0
-        #: Per series id, when a commit last captured one of its readings (monotonic seconds).
-        #: A series with none since the store opened counts from the opening: its newest window
-        #: may still be filling when the process restarts (gateway/uplinks/downsample.py).
-        self._captured_at: dict[int, float] = {}
         self._opened_at = time.monotonic()
+        #: Per series id (the index, as ``_series_names``), when a commit last captured one of
+        #: its readings (monotonic seconds). A series with none since the store opened counts
+        #: from the opening: its newest window may still be filling when the process restarts
+        #: (gateway/uplinks/downsample.py).
+        self._captured_at: list[float] = [self._opened_at]
 
     @contextlib.asynccontextmanager
     async def _txn(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -184,7 +192,9 @@ class _StoreBase:
     # Series and routing
 
     async def _intern(self, names: Iterable[str]) -> None:
-        new = [n for n in names if n not in self._series]
+        # Interned: the store keeps the very string the source made (and every later copy of
+        # the name, from this file at the next start, is the same object), not one more copy.
+        new = [sys.intern(n) for n in names if n not in self._series]
         if not new:
             return
         # One transaction for all new names: one fsync, not one per series (first start with
@@ -196,27 +206,41 @@ class _StoreBase:
             for i in range(0, len(new), 500):
                 part = new[i : i + 500]
                 marks = ",".join("?" * len(part))
-                for sid, name in await w.execute_fetchall(
+                for sid, text in await w.execute_fetchall(
                     f"SELECT id, name FROM series WHERE name IN ({marks})", part
                 ):
+                    name = sys.intern(text)
                     self._series[name] = sid
-                    self._series_names[sid] = name
+                    self._name_series(sid, name)
         self._rebuild_routing()
 
+    def _name_series(self, sid: int, name: str) -> None:
+        names = self._series_names
+        if sid >= len(names):
+            names.extend([None] * (sid + 1 - len(names)))
+            at = self._captured_at
+            at.extend([self._opened_at] * (sid + 1 - len(at)))
+        names[sid] = name
+
     def _rebuild_routing(self) -> None:
-        self._uplinks_by_series = {}
+        by_series: dict[int, list[_Cursor]] = {}
         for name, routed in self._routes.items():
             c = self._cursors.get(name)
             if c is None:
                 continue
             # A pattern takes a series when it is first interned (a source produced it).
             c.series_ids = routed.select(self._series)
-            if c.series_ids and len(c.series_ids) == len(self._series_names):
+            if c.series_ids and len(c.series_ids) == len(self._series):
                 c.sql_series = "1"
             else:
                 c.sql_series = "series IN (" + ",".join(map(str, sorted(c.series_ids))) + ")"
             for sid in c.series_ids:
-                self._uplinks_by_series.setdefault(sid, []).append(c)
+                by_series.setdefault(sid, []).append(c)
+        alike: dict[tuple[str, ...], tuple[_Cursor, ...]] = {}
+        self._uplinks_by_series = {
+            sid: alike.setdefault(tuple(c.name for c in cs), tuple(cs))
+            for sid, cs in by_series.items()
+        }
 
     def mark_corrupt(self, reason: str) -> None:
         """Record corruption found while running: shown by /health (503), /status and

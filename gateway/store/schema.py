@@ -96,13 +96,27 @@ _INSERT = (
 _INSERT_PLAIN = "INSERT OR IGNORE INTO readings (id, series, ts, value) VALUES (?,?,?,?)"
 
 
+#: Per schema version from 2 on, the SQL that takes a file of the version before to it (run in
+#: one transaction with the new ``user_version``). A file written by any earlier release opens
+#: under this one with its backlog, dead letters and cursors: tests/test_store_upgrade.py builds
+#: a version 1 file from a frozen copy of its layout and delivers every reading from it.
+_MIGRATIONS: dict[int, str] = {}
+assert sorted(_MIGRATIONS) == list(range(2, SCHEMA_VERSION + 1)), "a schema step is missing"
+
+
 async def _migrate(w: aiosqlite.Connection) -> None:
-    """Create the schema in a new file (``user_version`` 0), and add what later versions added
-    to an older one. Runs on the writer connection at open, outside any transaction."""
+    """Create the schema in a new file (``user_version`` 0), or take an older file through
+    each step of :data:`_MIGRATIONS` up to :data:`SCHEMA_VERSION`. Runs on the writer
+    connection at open, outside any transaction (a newer file never gets here: the pre-open
+    check refuses it)."""
     version = await _scalar(w, "PRAGMA user_version")
     if version == 0:
         await w.executescript(_SCHEMA)
         await w.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    for step in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+        await w.executescript(
+            f"BEGIN IMMEDIATE; {_MIGRATIONS[step]}; PRAGMA user_version = {step}; COMMIT;"
+        )
     await w.execute(_UNSYNCED_INDEX)
 
 

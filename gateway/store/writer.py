@@ -16,16 +16,18 @@ import json
 import math
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import Any
 
 import aiosqlite
 import structlog
 
 from gateway.errors import StoreCorrupt, StoreError
-from gateway.models import Quality, Reading
+from gateway.models import Quality, Reading, ReadingBatch
 from gateway.store.base import StoreEvent, _StoreBase
 from gateway.store.files import _is_corruption
 from gateway.store.schema import (
@@ -66,12 +68,17 @@ class _Writer(_StoreBase):
         """
         if self.readonly:
             raise StoreError("store opened read-only")
-        while len(self._buffer) >= self.cfg.buffer_max_rows:
+        while self._buffered >= self.cfg.buffer_max_rows:
             self._room.clear()
             await self._room.wait()
         if prepare is not None:
             readings = prepare(readings)
-        self._buffer.extend(readings)
+        if isinstance(readings, ReadingBatch):
+            if readings:
+                self._buffer.append(readings)  # one poll stays one entry (columns)
+        else:
+            self._buffer.extend(readings)
+        self._buffered += len(readings)
         self._enqueued_rows += len(readings)
         if prompt:
             self._flush_wanted = True
@@ -85,7 +92,7 @@ class _Writer(_StoreBase):
         Buffered readings are committed in order right after ``_max_id`` (a failed commit keeps
         them buffered, in order), so this holds across commits.
         """
-        return self._max_id + len(self._buffer) + 1
+        return self._max_id + self._buffered + 1
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed (needs :meth:`run` running)."""
@@ -101,33 +108,62 @@ class _Writer(_StoreBase):
         """Commit what is buffered now. Readings arriving meanwhile wait for the writer's next
         turn, so a steady stream cannot keep it from its maintenance."""
         async with self._commit_lock:
-            pending = len(self._buffer)
+            pending = self._buffered
             while pending > 0 and self._buffer:
-                n = min(pending, self.cfg.commit_max_rows)
-                await self._commit_batch(self._buffer[:n])
+                k, n = self._head(min(pending, self.cfg.commit_max_rows))
+                await self._commit_batch(self._buffer[:k], n)
                 pending -= n
             if not self._buffer:
                 self._flush_wanted = False
 
-    async def _commit_batch(self, batch: list[Reading]) -> None:
+    def _head(self, limit: int) -> tuple[int, int]:
+        """How many entries at the head of ``_buffer`` hold at most ``limit`` readings (at least
+        one), and how many readings that is. A batch across the limit is split in place (the
+        same readings in the same order, as two entries)."""
+        buf = self._buffer
+        k = n = 0
+        for e in buf:
+            m = len(e) if isinstance(e, ReadingBatch) else 1
+            if n + m > limit and isinstance(e, ReadingBatch) and n < limit:
+                buf[k : k + 1] = [e[: limit - n], e[limit - n :]]
+                return k + 1, limit
+            if n + m > limit and n:
+                break
+            k += 1
+            n += m
+        return k, n
+
+    async def _commit_batch(self, batch: list[Reading | ReadingBatch], size: int) -> None:
+        """Commit the first ``len(batch)`` entries of ``_buffer`` (``size`` readings)."""
         series = self._series
         try:
-            sids = [series[r.series] for r in batch]
+            sids = [
+                list(map(series.__getitem__, e.series))
+                if isinstance(e, ReadingBatch)
+                else series[e.series]
+                for e in batch
+            ]
         except KeyError:  # a series seen for the first time: interned, then looked up again
-            await self._intern({r.series for r in batch if _encodable(r.series)})
-            sids = [series.get(r.series, 0) for r in batch]
+            await self._intern({n for n in _names(batch) if _encodable(n)})
+            sids = [
+                [series.get(n, 0) for n in e.series]
+                if isinstance(e, ReadingBatch)
+                else series.get(e.series, 0)
+                for e in batch
+            ]
         first = self._max_id + 1
-        rows, bad = self._rows(first, sids, batch)
+        plain, full, bad = _rows(first, sids, batch)
         self._commit_started = time.monotonic()
         try:
             try:
-                await self._insert(rows)
+                await self._insert(plain, full)
             except _BIND_ERRORS as exc:
                 if not _is_bind_error(exc):
                     raise
                 # One reading SQLite cannot take must not cost the batch (nor kill the writer
                 # and, under Restart=on-failure, the daemon forever): find it, keep the rest.
-                rows, more = await self._insert_one_by_one(rows)
+                kept, more = await self._insert_one_by_one([*plain, *full])
+                plain, full = kept, []
                 bad.extend(more)
         except sqlite3.DatabaseError as exc:
             if _is_corruption(exc):
@@ -138,27 +174,38 @@ class _Writer(_StoreBase):
             self._commit_started = None
         # Committed: these readings are captured.
         del self._buffer[: len(batch)]
-        self._max_id = first + len(batch) - 1
+        self._buffered -= size
+        self._max_id = first + size - 1
         for i, reason in bad:
-            self._reject(batch[i - first], reason)
-        self.captured_total += len(rows)
+            self._reject(_reading_at(batch, i - first), reason)
+        stored = len(plain) + len(full)
+        self.captured_total += stored
         self.commits_total += 1
         self.last_commit_at = time.time()
         self.last_commit_error = None
-        now = time.monotonic()
-        captured_at = self._captured_at
-        for sid, n in Counter(row[1] for row in rows).items():
-            captured_at[sid] = now
-            for c in self._uplinks_by_series.get(sid, ()):
-                c.backlog += n
-        if len(self._buffer) < self.cfg.buffer_max_rows:
+        # Per series: when it was last captured; per uplink: its backlog. An uplink routed
+        # every series the store knows (the usual case) takes every row: no per-series count.
+        counts = Counter(map(itemgetter(1), chain(plain, full)))
+        deque(map(self._captured_at.__setitem__, counts, repeat(time.monotonic())), maxlen=0)
+        partial = False
+        for c in self._cursors.values():
+            if c.sql_series == "1":
+                c.backlog += stored
+            else:
+                partial = True
+        if partial:
+            for sid, n in counts.items():
+                for c in self._uplinks_by_series.get(sid, ()):
+                    if c.sql_series != "1":
+                        c.backlog += n
+        if self._buffered < self.cfg.buffer_max_rows:
             self._room.set()
         async with self._committed:
-            self._committed_rows += len(batch)
+            self._committed_rows += size
             self._committed.notify_all()
 
     @staticmethod
-    def _rows(
+    def _reading_rows(
         first: int, sids: Sequence[int], batch: Sequence[Reading]
     ) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]]]:
         """Rows to insert, and ``(id, reason)`` of readings that cannot be stored."""
@@ -194,22 +241,22 @@ class _Writer(_StoreBase):
                 bad.append((first + i, f"cannot be stored: {type(exc).__name__}: {exc}"))
         return rows, bad
 
-    async def _insert(self, rows: list[tuple[Any, ...]]) -> None:
-        """Insert ``rows`` in one transaction. Every row must land: a row that was already
-        there is accepted only as this writer's own earlier commit (a COMMIT that went through
-        while its caller was cancelled); anything else is an id collision and fails loudly."""
-        full = [row for row in rows if len(row) != 4]
-        plain = [row for row in rows if len(row) == 4] if full else rows
+    async def _insert(self, plain: list[tuple[Any, ...]], full: list[tuple[Any, ...]]) -> None:
+        """Insert the rows in one transaction (``plain``: four columns, ``full``: eight). Every
+        row must land: a row that was already there is accepted only as this writer's own
+        earlier commit (a COMMIT that went through while its caller was cancelled); anything
+        else is an id collision and fails loudly."""
         async with self._txn() as w:
             inserted = 0
             if full:
                 inserted += (await w.executemany(_INSERT, full)).rowcount
-            inserted += (await w.executemany(_INSERT_PLAIN, plain)).rowcount
-            if inserted != len(rows):
-                await self._check_recommit(w, rows)
+            if plain:
+                inserted += (await w.executemany(_INSERT_PLAIN, plain)).rowcount
+            if inserted != len(plain) + len(full):
+                await self._check_recommit(w, [*plain, *full])
 
     async def _check_recommit(self, w: aiosqlite.Connection, rows: list[tuple[Any, ...]]) -> None:
-        lo, hi = rows[0][0], rows[-1][0]
+        lo, hi = min(row[0] for row in rows), max(row[0] for row in rows)
         have = {
             rid: (sid, ts)
             for rid, sid, ts in await w.execute_fetchall(
@@ -266,7 +313,7 @@ class _Writer(_StoreBase):
         none was). Capture time, not the readings' own timestamps: a logger replaying its memory
         is not quiet however old its data."""
         sid = self._series.get(series)
-        at = self._captured_at.get(sid, self._opened_at) if sid is not None else self._opened_at
+        at = self._captured_at[sid] if sid is not None else self._opened_at
         return time.monotonic() - at
 
     def healthy(self) -> str | None:
@@ -305,13 +352,27 @@ class _Writer(_StoreBase):
         """
         unsync, repaired = int(Quality.CLOCK_UNSYNCED), int(Quality.CLOCK_REPAIRED)
         async with self._commit_lock:
-            base = self._max_id + 1  # the id of _buffer[0]
-            for i in range(max(0, first_id - base), min(len(self._buffer), upto - base + 1)):
-                r = self._buffer[i]
-                if r.quality & unsync:
-                    self._buffer[i] = replace(
-                        r, ts=r.ts + delta_ms, quality=(r.quality & ~unsync) | repaired
-                    )
+            rid = self._max_id + 1  # the id of _buffer[0]
+            entries: list[Reading | ReadingBatch] = []
+            for e in self._buffer:
+                if isinstance(e, ReadingBatch):
+                    lo, hi = max(rid, first_id), min(rid + len(e) - 1, upto)
+                    if lo > hi or not e.quality & unsync:
+                        entries.append(e)
+                    else:  # the part inside the range, repaired; the rest as it was
+                        q = (e.quality & ~unsync) | repaired
+                        parts = [e[: lo - rid], e[lo - rid : hi - rid + 1], e[hi - rid + 1 :]]
+                        parts[1] = parts[1].with_stamp(e.ts + delta_ms, q)
+                        entries.extend(p for p in parts if p)
+                    rid += len(e)
+                    continue
+                if first_id <= rid <= upto and e.quality & unsync:
+                    q = (e.quality & ~unsync) | repaired
+                    entries.append(replace(e, ts=e.ts + delta_ms, quality=q))
+                else:
+                    entries.append(e)
+                rid += 1
+            self._buffer[:] = entries  # no await since the loop began: ingest appended nothing
             async with self._txn() as w:
                 cur = await w.execute(
                     "UPDATE readings SET ts = ts + ?, flags = (flags & ?) | ? "
@@ -330,6 +391,89 @@ class _Writer(_StoreBase):
         """Committed readings still flagged CLOCK_UNSYNCED (uses the partial index)."""
         n = await _scalar(self._read, "SELECT count(*) FROM readings WHERE (flags & 1) != 0")
         return int(n or 0)
+
+
+def _rows(
+    first: int, sids: Sequence[int | list[int]], batch: Sequence[Reading | ReadingBatch]
+) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]], list[tuple[int, str]]]:
+    """The rows of ``batch`` (entries of ``_buffer``, their series ids in ``sids``) from id
+    ``first`` on: four-column rows, eight-column rows, and ``(id, reason)`` of readings that
+    cannot be stored.
+
+    A batch of one poll with no quality flags whose values are all plain (ints within 64 bits,
+    finite floats, strings) becomes its rows by zipping its columns (no Python per reading: the
+    hot path of every commit); anything else goes reading by reading.
+    """
+    plain: list[tuple[Any, ...]] = []
+    full: list[tuple[Any, ...]] = []
+    bad: list[tuple[int, str]] = []
+    run: list[Reading] = []
+    run_sids: list[int] = []
+    rid = first
+
+    def one_by_one(start: int, ids: Sequence[int], readings: Sequence[Reading]) -> None:
+        rows, more = _Writer._reading_rows(start, ids, readings)
+        for row in rows:
+            (plain if len(row) == 4 else full).append(row)
+        bad.extend(more)
+
+    for e, ids in zip(batch, sids, strict=True):
+        if not isinstance(e, ReadingBatch):
+            assert isinstance(ids, int)
+            run.append(e)
+            run_sids.append(ids)
+            rid += 1
+            continue
+        assert isinstance(ids, list)
+        if run:
+            one_by_one(rid - len(run), run_sids, run)
+            run, run_sids = [], []
+        n = len(e)
+        if not e.quality and 0 not in ids and _plain_values(e.values):
+            plain.extend(zip(range(rid, rid + n), ids, repeat(e.ts), e.values))
+        else:
+            one_by_one(rid, ids, list(e))
+        rid += n
+    if run:
+        one_by_one(rid - len(run), run_sids, run)
+    return plain, full, bad
+
+
+def _plain_values(values: Sequence[Any]) -> bool:
+    """True when every value is stored as it is (see schema.py): ints within 64 bits, finite
+    floats, strings. Checked over the column, not value by value in Python."""
+    kinds = set(map(type, values))
+    if not kinds <= _PLAIN_KINDS:
+        return False
+    numbers = values if str not in kinds else [v for v in values if type(v) is not str]
+    if not numbers:
+        return True
+    if min(numbers) >= _I64_MIN and max(numbers) <= _I64_MAX:
+        return float not in kinds or all(map(math.isfinite, numbers))
+    return False
+
+
+_PLAIN_KINDS = frozenset({int, float, str})
+
+
+def _names(batch: Sequence[Reading | ReadingBatch]) -> list[str]:
+    out: list[str] = []
+    for e in batch:
+        if isinstance(e, ReadingBatch):
+            out.extend(e.series)
+        else:
+            out.append(e.series)
+    return out
+
+
+def _reading_at(batch: Sequence[Reading | ReadingBatch], offset: int) -> Reading:
+    """The reading ``offset`` places from the start of ``batch``'s entries."""
+    for e in batch:
+        n = len(e) if isinstance(e, ReadingBatch) else 1
+        if offset < n:
+            return e[offset] if isinstance(e, ReadingBatch) else e
+        offset -= n
+    raise IndexError(offset)
 
 
 #: Errors building one reading's row (a value or position of an unexpected type).

@@ -147,6 +147,20 @@ class SendsWholeGroups(Protocol):
 
 
 @runtime_checkable
+class ChecksInBulk(Protocol):
+    """A plugin that checks, sizes and groups a whole lease at once (Energydata: column by
+    column, no Python call per reading), with exactly the answers its per-item ``check``,
+    ``item_size`` and ``group_key`` would give. ``check_all`` returns id -> reason for the items
+    ``check`` refuses; ``group_keys`` returns None when every item may share a request."""
+
+    def check_all(self, items: Sequence[StoredReading]) -> dict[int, str]: ...
+
+    def sizes(self, items: Sequence[StoredReading]) -> list[int]: ...
+
+    def group_keys(self, items: Sequence[StoredReading]) -> list[Hashable] | None: ...
+
+
+@runtime_checkable
 class ChecksUplink(Protocol):
     """A service that offers a test storing nothing (NILU's push test): ``fieldgate
     check-uplink`` runs it. Returns report lines; a failed check's lines start ``FAIL``.

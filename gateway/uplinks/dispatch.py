@@ -42,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Hashable, Sequence
 from enum import StrEnum
+from operator import attrgetter
 from typing import Any
 
 import structlog
@@ -53,6 +54,7 @@ from gateway.models import StoredReading
 from gateway.routes import RouteTable
 from gateway.store import Lease, Store
 from gateway.uplinks.base import (
+    ChecksInBulk,
     Failure,
     Outcome,
     ReportsStatus,
@@ -65,6 +67,7 @@ from gateway.uplinks.downsample import Downsampler, Plan
 from gateway.uplinks.ratelimit import RateLimiter
 
 log = structlog.get_logger(__name__)
+_ID = attrgetter("id")
 
 #: Longest Retry-After honoured as given; a larger hint is capped (and still backs off).
 MAX_RETRY_AFTER_S = 3600.0
@@ -124,6 +127,8 @@ class UplinkRunner:
         self._recheck_s: float | None = None
         #: Plugins whose requests must carry a whole group (one packet per instant) say so.
         self.whole_groups = isinstance(uplink, SendsWholeGroups) and uplink.sends_whole_groups()
+        #: Plugins that check, size and group a lease at once say so.
+        self.bulk: ChecksInBulk | None = uplink if isinstance(uplink, ChecksInBulk) else None
         self.live_first = cfg.order == "live_first"
         self.workers = cfg.concurrency
         if self.downsampler.active:
@@ -242,12 +247,17 @@ class UplinkRunner:
         rejected.update(plan.late)
         unfinished: list[int] = list(plan.held)
         items: list[StoredReading] = []
-        for it in plan.send:
-            reason = self.uplink.check(it)
-            if reason is None:
-                items.append(it)
-            else:
-                rejected[it.id] = reason
+        if self.bulk is not None:
+            refused = self.bulk.check_all(plan.send)
+            items = [i for i in plan.send if i.id not in refused] if refused else plan.send
+            rejected.update(refused)
+        else:
+            for it in plan.send:
+                reason = self.uplink.check(it)
+                if reason is None:
+                    items.append(it)
+                else:
+                    rejected[it.id] = reason
         delivered: list[int] = []
         queue: deque[list[StoredReading]] = deque(self._chunks(items))
         sent = 0
@@ -264,7 +274,10 @@ class UplinkRunner:
             delivered.extend(result.delivered)
             rejected.update(result.rejected)
             done = set(result.delivered) | set(result.rejected)
-            rest = [i for i in chunk if i.id not in done]
+            if len(done) >= len(chunk) and done.issuperset(map(_ID, chunk)):
+                rest = []  # the usual answer: every item accounted for
+            else:
+                rest = [i for i in chunk if i.id not in done]
             if result.delivered:
                 self._on_success()
             if not rest:
@@ -350,17 +363,26 @@ class UplinkRunner:
                 self.downsampler.mark_sent(agg)
 
     def _chunks(self, items: Sequence[StoredReading]) -> list[list[StoredReading]]:
+        bulk = self.bulk
+        keys = (
+            bulk.group_keys(items) if bulk is not None else list(map(self.uplink.group_key, items))
+        )
         groups: dict[Hashable, list[StoredReading]] = {}
-        for key, it in zip(map(self.uplink.group_key, items), items, strict=True):
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [it]
-            else:
-                group.append(it)
+        if keys is None:
+            groups[None] = list(items)  # any item goes with any other
+        else:
+            for key, it in zip(keys, items, strict=True):
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = [it]
+                else:
+                    group.append(it)
         out: list[list[StoredReading]] = []
         limit, max_bytes = self.batch_limit, self.cfg.batch_max_bytes
         for group in groups.values():
-            sizes = list(map(self.uplink.item_size, group))
+            sizes = (
+                bulk.sizes(group) if bulk is not None else list(map(self.uplink.item_size, group))
+            )
             if len(group) <= limit and sum(sizes) <= max_bytes:
                 out.append(group)  # the whole group fits one request
                 continue

@@ -32,8 +32,9 @@ from gateway.sandbox.modbus_sim import (
     synthetic_specs,
 )
 from gateway.sources.base import Source, now_ms
-from gateway.sources.modbus.config import ModbusSourceConfig
+from gateway.sources.modbus.config import ModbusSourceConfig, ResolvedField
 from gateway.sources.modbus.decode import ORDERS, DataType, FieldSpec, Span, plan_reads
+from gateway.sources.modbus.link import ModbusLink
 from gateway.sources.modbus.source import ModbusSource
 
 REPO = Path(__file__).resolve().parents[2]
@@ -819,3 +820,76 @@ async def test_plain_uint16_requests_skip_decoding_and_read_the_same_values() ->
     assert [v is not None for v in devices["p"].plain.values()] == [True]
     assert all(v is None for v in devices["s"].plain.values())
     assert all(v is None for v in devices["k"].plain.values())
+
+
+def test_devices_of_one_profile_share_its_resolved_fields_and_read_plan(tmp_path: Path) -> None:
+    # Many devices of one profile (the benchmark: 200 x 125 registers): the profile's fields are
+    # resolved once (templates with their decoders) and planned once; a device keeps its own
+    # series names, and per-field state only for fields that need it.
+    profile = tmp_path / "counter.toml"
+    profile.write_text(
+        'table = "holding"\n'
+        + "".join(f'[[fields]]\nname = "r{i}"\naddress = {i}\n' for i in range(125))
+    )
+    devs: list[dict[str, Any]] = [
+        {"name": f"u{u}", "unit": u, "profile": str(profile)} for u in (1, 2, 3)
+    ]
+    devs.append({"name": "x", "unit": 9, "profile": str(profile), "word_order": "DCBA"})
+    devs.append({"name": "y", "unit": 8, "profile": str(profile), "series_prefix": "why"})
+    cfg = ModbusSourceConfig.model_validate(
+        {"name": "s", "type": "modbus", "host": "h", "devices": devs}
+    )
+    maps = [d.field_map() for d in cfg.devices]
+    assert maps[0].fields is maps[1].fields is maps[2].fields is maps[4].fields
+    assert maps[3].fields is not maps[0].fields  # other defaults: resolved apart
+    assert maps[1].series[:2] == ("u2.r0", "u2.r1") and maps[4].series[-1] == "why.r124"
+    assert cfg.devices[1].resolved_fields()[5] == ResolvedField(
+        FieldSpec("u2.r5", "holding", 5, "uint16"), "r5", None, None, False,
+        f"profile {profile} fields[5]",
+    )  # fmt: skip
+    assert list(cfg.series_names())[125:127] == ["u2.r0", "u2.r1"]
+    src = ModbusSource(cfg, REPO)
+    built = {d.name: d for c in src._conns for d in c.devices}
+    assert built["u1"].plan is built["u2"].plan is built["y"].plan
+    assert built["u2"].fields is maps[1].fields and built["u2"].series is maps[1].series
+    assert not any(d.field_states for d in built.values())
+
+
+async def test_a_cancel_arriving_with_an_answer_still_stops_the_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pymodbus waits for an answer with asyncio.wait_for, which on Python 3.11 returns the answer
+    # and drops a cancellation arriving with it; the source must stop all the same (or the
+    # gateway's shutdown would wait for it forever).
+    original = ModbusLink.read
+    in_read = asyncio.Event()
+    drop = True
+
+    async def read_dropping_cancel(self: ModbusLink, *args: Any) -> Any:
+        res = await original(self, *args)
+        in_read.set()
+        try:
+            await asyncio.sleep(60)  # the cancellation arrives here, with the answer in hand
+        except asyncio.CancelledError:
+            if not drop:
+                raise
+        return res
+
+    monkeypatch.setattr(ModbusLink, "read", read_dropping_cancel)
+    specs = [FieldSpec("d.a", "holding", 0, "uint16")]
+    async with ModbusSimulator({1: specs}) as sim:
+        src = ModbusSource(make_cfg(sim, [device("d", 1, specs)]), REPO)
+        task = asyncio.create_task(src.run(Collector().emit))
+        async with asyncio.timeout(10):
+            await in_read.wait()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        drop = False
+        if not done:  # the bug: end the connection's task itself (the group will not again)
+            for t in asyncio.all_tasks():
+                if t.get_name().startswith("modbus:"):
+                    t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await src.aclose()
+    assert done and task.cancelled()

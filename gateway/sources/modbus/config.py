@@ -6,8 +6,13 @@ transport (tcp, rtu, rtu_over_tcp) with one or more devices; devices sharing a h
 serial port share one connection (one RS-485 bus), devices elsewhere get their own.
 
 A device's register map is its profile's fields (``profile = "hardware/profiles/sdm630.toml"``)
-plus its own ``fields``. Every field is resolved into a :class:`FieldSpec` at validation time;
-the checks a device must pass (reported as one message naming each field by its TOML path):
+plus its own ``fields``. Every field is resolved at validation time into a :class:`FieldTemplate`
+(every default applied, but no series name), shared by every device that resolves the same
+profile fields the same way; a device keeps those and the tuple of its own series names
+(:class:`FieldMap`), so 200 devices of one 125-field profile hold 125 templates and 200 name
+tuples. :meth:`ModbusDeviceConfig.resolved_fields` builds the per-device
+:class:`ResolvedField`/:class:`FieldSpec` view on demand. The checks a device must pass (reported
+as one message naming each field by its TOML path):
 
 * the type fits the table (coil/discrete hold single bits: only ``bool``);
 * ``count``, when given, equals the registers the type spans; strings need ``length``;
@@ -26,9 +31,9 @@ import math
 import tomllib
 from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
@@ -37,9 +42,11 @@ from gateway.sources.modbus.decode import (
     BIT_TABLES,
     NUMERIC_TYPES,
     DataType,
+    Decoder,
     FieldSpec,
     Order,
     Table,
+    make_decoder,
     register_count,
 )
 
@@ -99,6 +106,104 @@ class ResolvedField:
     origin: str
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class FieldTemplate:
+    """A field with every default applied except the device's series prefix: its layout, its
+    reporting options, where it came from, and its decoder. One is shared by every device that
+    resolves the same profile field with the same table/order defaults and include/exclude.
+
+    The series of a device's field is ``series`` when the field names one, else
+    ``<device prefix>.<name>`` (:meth:`series_for`).
+    """
+
+    table: Table
+    address: int
+    dtype: DataType
+    order: Order
+    bit: int | None
+    length: int | None
+    scale: float
+    offset: float
+    #: The field's own name (None when it gives only a series) and explicit series name.
+    name: str | None
+    series: str | None
+    deadband: float | None
+    heartbeat_s: float | None
+    allow_overlap: bool
+    origin: str
+    #: Registers (or bits, in the coil and discrete tables) spanned.
+    count: int = field(init=False)
+    #: A uint16 register read as is (no byte swap, scale, offset or deadband): its value is the
+    #: register itself, so a request of only such fields needs no decoding.
+    plain: bool = field(init=False)
+    #: ``decode(wire_bytes, reg_offset)``: the scaled value (register tables; shared per layout).
+    decode: Decoder = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        bits = self.table in BIT_TABLES
+        object.__setattr__(self, "count", 1 if bits else register_count(self.dtype, self.length))
+        plain = (
+            not bits
+            and self.dtype == "uint16"
+            and self.order in ("ABCD", "CDAB")
+            and self.scale == 1.0
+            and self.offset == 0.0
+            and self.deadband is None
+        )
+        object.__setattr__(self, "plain", plain)
+        object.__setattr__(self, "decode", make_decoder(self))
+
+    @property
+    def end(self) -> int:
+        return self.address + self.count
+
+    def series_for(self, prefix: str) -> str:
+        return self.series or f"{prefix}.{self.name}"
+
+    def spec(self, series: str) -> FieldSpec:
+        return FieldSpec(
+            series=series,
+            table=self.table,
+            address=self.address,
+            dtype=self.dtype,
+            order=self.order,
+            bit=self.bit,
+            length=self.length,
+            scale=self.scale,
+            offset=self.offset,
+        )
+
+    def resolved(self, series: str) -> ResolvedField:
+        """This field as one device's :class:`ResolvedField` (``series`` is its series there)."""
+        return ResolvedField(
+            self.spec(series),
+            self.name or series,
+            self.deadband,
+            self.heartbeat_s,
+            self.allow_overlap,
+            self.origin,
+        )
+
+
+class FieldMap(NamedTuple):
+    """A device's fields (profile first): ``fields[i]`` reports as ``series[i]``. ``fields`` is
+    shared with every device resolving its profile alike (unless the device adds fields)."""
+
+    fields: tuple[FieldTemplate, ...]
+    series: tuple[str, ...]
+
+    def resolved(self) -> tuple[ResolvedField, ...]:
+        return tuple(t.resolved(s) for t, s in zip(self.fields, self.series, strict=True))
+
+
+#: A profile's resolved fields per (profile path as written, table, word order, chosen fields):
+#: the path appears in their ``origin``; table and order are the defaults they were resolved
+#: with. Kept on the (cached) profile, so a changed profile file starts afresh. The flag says
+#: whether the fields are free of overlaps among themselves.
+_TemplateKey = tuple[str, Table, Order, tuple[int, ...]]
+_Templates = tuple[tuple[FieldTemplate, ...], bool]
+
+
 class ModbusProfile(Strict):
     """A device type's register map, kept in ``hardware/profiles/*.toml``."""
 
@@ -114,6 +219,8 @@ class ModbusProfile(Strict):
     max_bits: int | None = Field(default=None, ge=1, le=2000)
     max_gap: int | None = Field(default=None, ge=0, le=124)
     fields: list[ModbusFieldConfig] = Field(min_length=1)
+
+    _templates: dict[_TemplateKey, _Templates] = PrivateAttr(default_factory=dict)
 
 
 _PROFILE_CACHE: dict[tuple[Path, str], ModbusProfile] = {}
@@ -197,7 +304,7 @@ class ModbusDeviceConfig(Strict):
     failing_retry_s: float = Field(default=300.0, gt=0, le=86_400)
     fields: list[ModbusFieldConfig] = Field(default_factory=list)
 
-    _resolved: tuple[ResolvedField, ...] = PrivateAttr(default=())
+    _map: FieldMap = PrivateAttr(default=FieldMap((), ()))
     _profile_path: Path | None = PrivateAttr(default=None)
     _profile: ModbusProfile | None = PrivateAttr(default=None)
 
@@ -214,10 +321,10 @@ class ModbusDeviceConfig(Strict):
             self._profile_path = resolve_profile_path(self.profile, base_dir)
             profile = load_profile(self._profile_path)
         self._profile = profile
-        resolved, problems = _resolve_device(self, profile)
+        fmap, problems = _resolve_device(self, profile)
         if problems:
             raise ValueError("; ".join(problems))
-        self._resolved = tuple(resolved)
+        self._map = fmap
 
     @property
     def prefix(self) -> str:
@@ -227,24 +334,38 @@ class ModbusDeviceConfig(Strict):
     def profile_model(self) -> ModbusProfile | None:
         return self._profile
 
-    def resolved_fields(self, base_dir: Path | None = None) -> tuple[ResolvedField, ...]:
-        """Every field of this device (profile first). With ``base_dir``, a relative profile path
-        is looked up there first, and the map re-read if that finds another file than validation
-        did. Raises ValueError when the profile cannot be found or no longer validates."""
+    @property
+    def series(self) -> tuple[str, ...]:
+        """The series of every field of this device (profile first)."""
+        return self._map.series
+
+    def field_map(self, base_dir: Path | None = None) -> FieldMap:
+        """Every field of this device (profile first) and its series. With ``base_dir``, a
+        relative profile path is looked up there first, and the map re-read if that finds another
+        file than validation did. Raises ValueError when the profile cannot be found or no longer
+        validates."""
         if base_dir is not None and self.profile is not None:
             path = resolve_profile_path(self.profile, base_dir)
             if path != self._profile_path:
                 clone = self.model_copy()
                 clone._apply(base_dir)
-                return clone._resolved
-        return self._resolved
+                return clone._map
+        return self._map
+
+    def resolved_fields(self, base_dir: Path | None = None) -> tuple[ResolvedField, ...]:
+        """:meth:`field_map` as one :class:`ResolvedField` per field (built on each call: the
+        gateway itself keeps only the shared templates and the series names)."""
+        return self.field_map(base_dir).resolved()
 
 
 def _resolve_device(
     dev: ModbusDeviceConfig, profile: ModbusProfile | None
-) -> tuple[list[ResolvedField], list[str]]:
+) -> tuple[FieldMap, list[str]]:
     problems: list[str] = []
-    out: list[ResolvedField] = []
+    prefix = dev.prefix
+    fields: tuple[FieldTemplate, ...] = ()
+    #: The profile's fields are known to be free of overlaps among themselves.
+    shared_clean = False
     if profile is not None:
         names = {f.name for f in profile.fields if f.name}
         for label, wanted in (("include", dev.include or []), ("exclude", dev.exclude)):
@@ -256,20 +377,44 @@ def _resolve_device(
         chosen = [(i, f) for i, f in enumerate(profile.fields) if f.name is None or f.name in keep]
         table = dev.table or profile.table
         order = dev.word_order or profile.word_order
-        for i, fc in chosen:
-            where = f"profile {dev.profile} fields[{i}]"
-            out.extend(_resolve_field(fc, dev.prefix, (table, order), where, problems))
+        assert dev.profile is not None
+        key: _TemplateKey = (dev.profile, table, order, tuple(i for i, _ in chosen))
+        cached = profile._templates.get(key)
+        if cached is None:
+            # Whether a field resolves does not depend on the prefix (only the wording of what
+            # is wrong names the series), so what resolves cleanly is kept for the next device.
+            found: list[str] = []
+            made: list[FieldTemplate] = []
+            for i, fc in chosen:
+                where = f"profile {dev.profile} fields[{i}]"
+                made.extend(_resolve_field(fc, prefix, (table, order), where, found))
+            problems.extend(found)
+            fields = tuple(made)
+            if not found:
+                clean = next(_overlaps(fields, ("",) * len(fields)), None) is None
+                profile._templates[key] = (fields, clean)
+                shared_clean = clean
+        else:
+            fields, shared_clean = cached
     elif dev.include is not None or dev.exclude:
         problems.append("include/exclude need a profile")
-    table = dev.table or "holding"
-    order = dev.word_order or "ABCD"
-    for i, fc in enumerate(dev.fields):
-        out.extend(_resolve_field(fc, dev.prefix, (table, order), f"fields[{i}]", problems))
-    if not out and not problems:
+    if dev.fields:
+        table = dev.table or "holding"
+        order = dev.word_order or "ABCD"
+        own: list[FieldTemplate] = []
+        for i, fc in enumerate(dev.fields):
+            own.extend(_resolve_field(fc, prefix, (table, order), f"fields[{i}]", problems))
+        if own:
+            fields = (*fields, *own)
+            shared_clean = False
+    if not fields and not problems:
         problems.append("the device has no fields (give fields or a profile)")
-    problems.extend(_overlaps(out))
-    problems.extend(_duplicate_series(out))
-    return out, problems
+    series = tuple([t.series_for(prefix) for t in fields])
+    if not shared_clean:
+        problems.extend(_overlaps(fields, series))
+    if len(set(series)) != len(series):
+        problems.extend(_duplicate_series(fields, series))
+    return FieldMap(fields, series), problems
 
 
 def _field_problems(fc: ModbusFieldConfig, table: Table, dtype: DataType) -> Iterator[str]:
@@ -301,18 +446,19 @@ def _resolve_field(
     defaults: tuple[Table, Order],
     where: str,
     problems: list[str],
-) -> Iterator[ResolvedField]:
+) -> Iterator[FieldTemplate]:
+    """The field's template, or nothing (with what is wrong added to ``problems``). Only the
+    wording of a problem depends on ``prefix``."""
     table = fc.table or defaults[0]
     bits_table = table in BIT_TABLES
     dtype: DataType = fc.type or ("bool" if bits_table else "uint16")
-    series = fc.series or (f"{prefix}.{fc.name}" if fc.name else None)
-    label = f"{where} ({series or 'unnamed'})"
 
     def bad(msg: str) -> None:
-        problems.append(f"{label}: {msg}")
+        series = fc.series or (f"{prefix}.{fc.name}" if fc.name else None)
+        problems.append(f"{where} ({series or 'unnamed'}): {msg}")
 
     found = list(_field_problems(fc, table, dtype))
-    if series is None:
+    if fc.series is None and fc.name is None:
         found.insert(0, "give a name or a series")
     if found:
         for msg in found:
@@ -326,9 +472,12 @@ def _resolve_field(
     if fc.address + size > 65536:
         bad(f"address {fc.address} + {size} runs past the last address 65535")
         return
-    assert series is not None
-    spec = FieldSpec(
-        series=series,
+    heartbeat = (
+        fc.heartbeat_s
+        if fc.heartbeat_s is not None
+        else (300.0 if fc.deadband is not None else None)
+    )
+    yield FieldTemplate(
         table=table,
         address=fc.address,
         dtype=dtype,
@@ -337,42 +486,45 @@ def _resolve_field(
         length=fc.length,
         scale=fc.scale,
         offset=fc.offset,
+        name=fc.name,
+        series=fc.series,
+        deadband=fc.deadband,
+        heartbeat_s=heartbeat,
+        allow_overlap=fc.allow_overlap,
+        origin=where,
     )
-    heartbeat = (
-        fc.heartbeat_s
-        if fc.heartbeat_s is not None
-        else (300.0 if fc.deadband is not None else None)
-    )
-    yield ResolvedField(spec, fc.name or series, fc.deadband, heartbeat, fc.allow_overlap, where)
 
 
-def _overlaps(fields: Sequence[ResolvedField]) -> Iterator[str]:
-    ordered = sorted(fields, key=lambda f: (f.spec.table, f.spec.address, f.spec.end))
-    active: list[ResolvedField] = []
-    for f in ordered:
-        active = [a for a in active if a.spec.table == f.spec.table and a.spec.end > f.spec.address]
-        for a in active:
+def _overlaps(fields: Sequence[FieldTemplate], series: Sequence[str]) -> Iterator[str]:
+    ordered = sorted(
+        range(len(fields)), key=lambda i: (fields[i].table, fields[i].address, fields[i].end)
+    )
+    active: list[int] = []
+    for j in ordered:
+        f = fields[j]
+        active = [k for k in active if fields[k].table == f.table and fields[k].end > f.address]
+        for k in active:
+            a = fields[k]
             if a.allow_overlap or f.allow_overlap:
                 continue
-            if a.spec.dtype == "bit" and f.spec.dtype == "bit" and a.spec.bit != f.spec.bit:
+            if a.dtype == "bit" and f.dtype == "bit" and a.bit != f.bit:
                 continue
-            lo, hi = f.spec.address, min(a.spec.end, f.spec.end) - 1
+            lo, hi = f.address, min(a.end, f.end) - 1
             at = f"{lo}" if lo == hi else f"{lo}..{hi}"
             yield (
-                f"{f.origin} ({f.spec.series}) overlaps {a.origin} ({a.spec.series}) at "
-                f"{f.spec.table} {at}; set allow_overlap = true on one of them if intended"
+                f"{f.origin} ({series[j]}) overlaps {a.origin} ({series[k]}) at "
+                f"{f.table} {at}; set allow_overlap = true on one of them if intended"
             )
-        active.append(f)
+        active.append(j)
 
 
-def _duplicate_series(fields: Iterable[ResolvedField]) -> Iterator[str]:
+def _duplicate_series(fields: Sequence[FieldTemplate], series: Sequence[str]) -> Iterator[str]:
     seen: dict[str, str] = {}
-    for f in fields:
-        if f.spec.series in seen:
-            first = seen[f.spec.series]
-            yield f"{f.origin}: series {f.spec.series!r} is already produced by {first}"
+    for f, name in zip(fields, series, strict=True):
+        if name in seen:
+            yield f"{f.origin}: series {name!r} is already produced by {seen[name]}"
         else:
-            seen[f.spec.series] = f.origin
+            seen[name] = f.origin
 
 
 class ModbusSourceConfig(SourceConfigBase):
@@ -447,10 +599,10 @@ class ModbusSourceConfig(SourceConfigBase):
             if key in seen_units:
                 yield f"devices {seen_units[key]} and {d.name} share unit {d.unit} on {key[0]}"
             seen_units[key] = d.name
-            for f in d.resolved_fields():
-                other = seen_series.setdefault(f.spec.series, d.name)
+            for series in d.series:
+                other = seen_series.setdefault(series, d.name)
                 if other != d.name:
-                    yield f"series {f.spec.series!r} is produced by devices {other} and {d.name}"
+                    yield f"series {series!r} is produced by devices {other} and {d.name}"
 
     def connection_label(self, dev: ModbusDeviceConfig) -> str:
         """Names the connection (bus or TCP peer) ``dev`` is polled over; equal labels share one."""
@@ -460,5 +612,4 @@ class ModbusSourceConfig(SourceConfigBase):
 
     def series_names(self) -> Iterable[str]:
         for d in self.devices:
-            for f in d.resolved_fields():
-                yield f.spec.series
+            yield from d.series

@@ -38,7 +38,7 @@ import struct
 from bisect import bisect_right
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal, get_args
+from typing import Final, Literal, Protocol, get_args
 
 Table = Literal["coil", "discrete", "holding", "input"]
 DataType = Literal[
@@ -223,12 +223,32 @@ class FieldSpec:
 Decoder = Callable[[bytes, int], RawValue]
 
 
+class Layout(Protocol):
+    """What a decoder depends on: a :class:`FieldSpec`, or a field of a register map before a
+    device's series names are applied (``gateway.sources.modbus.config.FieldTemplate``)."""
+
+    @property
+    def dtype(self) -> DataType: ...
+    @property
+    def order(self) -> Order: ...
+    @property
+    def bit(self) -> int | None: ...
+    @property
+    def length(self) -> int | None: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def offset(self) -> float: ...
+
+
 #: Decoders by layout: a decoder depends on the type, order, bit, length and scaling only, never
 #: on the series or address, so 200 devices of one 125-field profile share 125 of them.
 _DECODERS: dict[tuple[object, ...], Decoder] = {}
 
 
-def make_decoder(spec: FieldSpec) -> Decoder:
+def make_decoder(spec: Layout) -> Decoder:
     """A function giving ``spec``'s scaled value from a read's wire bytes, the field starting
     ``reg_offset`` registers into them: ``decoder(buf, reg_offset)``.
 
@@ -242,7 +262,7 @@ def make_decoder(spec: FieldSpec) -> Decoder:
     return decoder
 
 
-def _build_decoder(spec: FieldSpec) -> Decoder:
+def _build_decoder(spec: Layout) -> Decoder:
     dt, order = spec.dtype, spec.order
     n = 2 * spec.count
     if dt == "bit":

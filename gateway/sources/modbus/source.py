@@ -38,8 +38,10 @@ import asyncio
 import heapq
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -47,26 +49,24 @@ import structlog
 
 from gateway.backoff import Backoff
 from gateway.errors import ConfigError
-from gateway.models import Reading, Value, value_problem
+from gateway.models import Reading, ReadingBatch, Value, value_problem
 from gateway.probe import ProbeFailure, ProbeReport
 from gateway.sources.base import Emit, SourceStats
 from gateway.sources.modbus.config import (
     PROFILE_BASE_DIR,
+    FieldTemplate,
     ModbusDeviceConfig,
     ModbusFieldConfig,
     ModbusProfile,
     ModbusSourceConfig,
-    ResolvedField,
     load_profile,
     resolve_profile_path,
 )
 from gateway.sources.modbus.decode import (
     BIT_TABLES,
-    Decoder,
     ReadRequest,
     Span,
     Table,
-    make_decoder,
     plan_reads,
     words_to_bytes,
 )
@@ -101,11 +101,11 @@ _ABORTING = frozenset({"timeout", "tid_out_of_step"})
 
 
 @dataclass(slots=True)
-class _Field:
-    rf: ResolvedField
-    decode: Decoder
-    address: int
-    series: str
+class _FieldState:
+    """What the source remembers of one field of one device. Most fields need none of it, so it
+    exists only for a field that was reported with a deadband, failed, or had a value rejected
+    (``_Device.field_states``)."""
+
     last_value: Value | None = None
     last_ts: int = 0
     failing_code: int | None = None
@@ -113,13 +113,13 @@ class _Field:
     problem: str | None = None
     problem_logged: bool = False
 
-    def wants(self, value: Value, ts: int) -> bool:
-        """Report-by-exception: should this value be emitted?"""
-        db = self.rf.deadband
+    def wants(self, f: FieldTemplate, value: Value, ts: int) -> bool:
+        """Report-by-exception: should this value of ``f`` be emitted?"""
+        db = f.deadband
         last = self.last_value
         if db is None or last is None:
             return True
-        if self.rf.heartbeat_s is not None and ts - self.last_ts >= self.rf.heartbeat_s * 1000:
+        if f.heartbeat_s is not None and ts - self.last_ts >= f.heartbeat_s * 1000:
             return True
         numeric = not isinstance(value, bool | str) and not isinstance(last, bool | str)
         if numeric:
@@ -130,10 +130,15 @@ class _Field:
 @dataclass(slots=True)
 class _Device:
     cfg: ModbusDeviceConfig
-    fields: list[_Field]
+    #: The register map (shared with every device of the same profile) and, per field, the
+    #: series it reports as (this device's own names).
+    fields: tuple[FieldTemplate, ...]
+    series: tuple[str, ...]
     timeout: float
     limits: dict[str, int]
     detail: dict[str, Any]
+    #: Plans shared by the devices of one source with the same map and limits (never mutated).
+    plans: dict[tuple[object, ...], list[ReadRequest]]
     state: str = "starting"
     next_due: float = 0.0
     #: Fraction of its interval this device's polls are shifted by after the first one, so the
@@ -143,10 +148,13 @@ class _Device:
     loud: bool = False
     plan: list[ReadRequest] = field(default_factory=list)
     breaks: dict[Table, set[int]] = field(default_factory=dict)
-    #: Per request (its field indexes): (series, register offset) pairs when every field of it
-    #: is a plain uint16 (no scale, offset or deadband), whose value is the register itself;
-    #: None when a field needs decoding. Filled on first use, cleared by replan().
-    plain: dict[tuple[int, ...], list[tuple[str, int]] | None] = field(default_factory=dict)
+    #: Per request (its field indexes): its series and how to pick their values when every
+    #: field of it is a plain uint16 (no byte swap, scale, offset or deadband), whose value is
+    #: the register itself; None when a field needs decoding. Filled on first use, cleared by
+    #: replan().
+    plain: dict[tuple[int, ...], _Plain | None] = field(default_factory=dict)
+    #: Per field index, for the few fields that need it: see _FieldState.
+    field_states: dict[int, _FieldState] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -158,26 +166,32 @@ class _Device:
             return max(self.cfg.degraded_interval_s, self.cfg.interval_s)
         return self.cfg.interval_s
 
+    def field_state(self, i: int) -> _FieldState:
+        st = self.field_states.get(i)
+        if st is None:
+            st = self.field_states[i] = _FieldState()
+        return st
+
+    def failing(self) -> list[int]:
+        """The failing fields, in map order."""
+        return sorted(i for i, st in self.field_states.items() if st.failing_code is not None)
+
     def replan(self, source: str) -> None:
         self.plain.clear()
-        spans = [Span(f.rf.spec.table, f.rf.spec.address, f.rf.spec.count) for f in self.fields]
-        failing = [i for i, f in enumerate(self.fields) if f.failing_code is not None]
-        # No read may span a failing field: break right after it (fields before it end there).
-        breaks = {t: set(b) for t, b in self.breaks.items()}
-        for i in failing:
-            breaks.setdefault(spans[i].table, set()).add(spans[i].end)
-        self.plan = plan_reads(
-            spans,
-            max_gap=self.limits["max_gap"],
-            max_bit_gap=self.limits["max_bit_gap"],
-            max_registers=self.limits["max_registers"],
-            max_bits=self.limits["max_bits"],
-            breaks=breaks,
-            skip=failing,
-            coalesce=self.cfg.coalesce,
-        )
+        failing = self.failing()
+        # Without learned breaks or failing fields the plan depends on the map and the limits
+        # only: devices of one profile share it.
+        key = None
+        if not failing and not self.breaks:
+            key = (self.fields, self.cfg.coalesce, *self.limits.values())
+        plan = self.plans.get(key) if key is not None else None
+        if plan is None:
+            plan = self._plan(failing)
+            if key is not None:
+                self.plans[key] = plan
+        self.plan = plan
         self.detail["requests_per_poll"] = len(self.plan)
-        self.detail["failing_fields"] = sorted(self.fields[i].rf.spec.series for i in failing)
+        self.detail["failing_fields"] = sorted(self.series[i] for i in failing)
         log.info(
             "modbus_plan",
             source=source,
@@ -186,6 +200,23 @@ class _Device:
             requests=len(self.plan),
             failing=len(failing),
             plan=[r.describe() for r in self.plan],
+        )
+
+    def _plan(self, failing: list[int]) -> list[ReadRequest]:
+        spans = [Span(f.table, f.address, f.count) for f in self.fields]
+        # No read may span a failing field: break right after it (fields before it end there).
+        breaks = {t: set(b) for t, b in self.breaks.items()}
+        for i in failing:
+            breaks.setdefault(spans[i].table, set()).add(spans[i].end)
+        return plan_reads(
+            spans,
+            max_gap=self.limits["max_gap"],
+            max_bit_gap=self.limits["max_bit_gap"],
+            max_registers=self.limits["max_registers"],
+            max_bits=self.limits["max_bits"],
+            breaks=breaks,
+            skip=failing,
+            coalesce=self.cfg.coalesce,
         )
 
     def count(self, key: str, n: int = 1) -> None:
@@ -202,24 +233,53 @@ class _Conn:
     loud: bool = False
 
 
-def _plain_pairs(
-    fields: Sequence[_Field], idxs: Sequence[int], base: int
-) -> list[tuple[str, int]] | None:
-    pairs = []
+@dataclass(frozen=True, slots=True)
+class _Plain:
+    """A request whose fields are all plain uint16 registers: their series, and how to pick
+    their values out of the registers read (a slice when they are contiguous, the usual case)."""
+
+    series: tuple[str, ...]
+    pick: Callable[[Sequence[Any]], Sequence[Any]]
+
+
+#: ``values[lo:lo + n]`` per (lo, n), shared by every request that picks that slice.
+_SLICES: dict[tuple[int, int], Callable[[Sequence[Any]], Sequence[Any]]] = {}
+
+
+def _plain_pairs(dev: _Device, idxs: Sequence[int], base: int) -> _Plain | None:
+    fields = dev.fields
+    ats: list[int] = []
     for i in idxs:
         f = fields[i]
-        spec = f.rf.spec
-        if (
-            spec.dtype != "uint16"
-            or spec.order not in ("ABCD", "CDAB")
-            or spec.table in BIT_TABLES
-            or spec.scale != 1.0
-            or spec.offset != 0.0
-            or f.rf.deadband is not None
-        ):
+        if not f.plain:
             return None
-        pairs.append((f.series, f.address - base))
-    return pairs
+        ats.append(f.address - base)
+    # One request for the whole map (the usual case) shares the device's own series tuple.
+    whole = len(idxs) == len(fields) and all(i == k for k, i in enumerate(idxs))
+    series = dev.series if whole else tuple(dev.series[i] for i in idxs)
+    lo, n = ats[0], len(ats)
+    if ats == list(range(lo, lo + n)):
+        pick = _SLICES.get((lo, n))
+        if pick is None:
+            pick = _SLICES[lo, n] = itemgetter(slice(lo, lo + n))
+        return _Plain(series, pick)
+    if n == 1:
+        return _Plain(series, lambda values: [values[lo]])
+    getter = itemgetter(*ats)
+    return _Plain(series, lambda values: list(getter(values)))
+
+
+def _one_batch(parts: list[ReadingBatch]) -> Sequence[Reading]:
+    """A cycle's readings as one emit: its one batch (one request, the usual case), the batches
+    of one instant joined, or readings one by one when its requests answered at different
+    instants."""
+    if len(parts) == 1:
+        return parts[0]
+    ts, q = parts[0].ts, parts[0].quality
+    if all(p.ts == ts and p.quality == q for p in parts):
+        series = tuple(chain.from_iterable(p.series for p in parts))
+        return ReadingBatch(series, ts, list(chain.from_iterable(p.values for p in parts)), q)
+    return list(chain.from_iterable(parts))
 
 
 def _inter_frame_s(cfg: ModbusSourceConfig) -> float:
@@ -243,6 +303,7 @@ class ModbusSource:
         conns_detail: dict[str, Any] = {}
         self.stats.detail.update(devices=devices_detail, connections=conns_detail)
         self._conns: list[_Conn] = []
+        self._plans: dict[tuple[object, ...], list[ReadRequest]] = {}
         by_label: dict[str, list[ModbusDeviceConfig]] = {}
         for d in cfg.devices:
             by_label.setdefault(cfg.connection_label(d), []).append(d)
@@ -280,7 +341,7 @@ class ModbusSource:
         self, d: ModbusDeviceConfig, label: str, base_dir: Path, detail: dict[str, Any]
     ) -> _Device:
         try:
-            resolved = d.resolved_fields(base_dir)
+            fmap = d.field_map(base_dir)
         except ValueError as exc:
             raise ConfigError([(f"sources.{self.name}.devices.{d.name}", str(exc))]) from None
         prof = d.profile_model
@@ -317,10 +378,8 @@ class ModbusSource:
             "last_error": None,
         }
         detail[d.name] = ddetail
-        fields = [
-            _Field(rf, make_decoder(rf.spec), rf.spec.address, rf.spec.series) for rf in resolved
-        ]
-        dev = _Device(d, fields, d.timeout_s or cfg.timeout_s, limits, ddetail)
+        timeout = d.timeout_s or cfg.timeout_s
+        dev = _Device(d, fmap.fields, fmap.series, timeout, limits, ddetail, self._plans)
         dev.replan(self.name)
         return dev
 
@@ -463,17 +522,18 @@ class ModbusSource:
 
     async def _poll(
         self, conn: _Conn, dev: _Device, *, probe: bool = False
-    ) -> tuple[list[Reading], str | None]:
+    ) -> tuple[Sequence[Reading], str | None]:
         """One cycle of ``dev`` (the caller holds the link lock): the readings, and why the link
         was lost if it was (the device is then not blamed; its cycle just ends)."""
-        out: list[Reading] = []
+        out: list[ReadingBatch] = []
+        lost: str | None = None
         try:
             await self._cycle(conn, dev, out, probe)
         except LinkDown as exc:
-            return out, exc.reason
-        return out, None
+            lost = exc.reason
+        return (_one_batch(out) if out else ()), lost
 
-    async def _cycle(self, conn: _Conn, dev: _Device, out: list[Reading], probe: bool) -> None:
+    async def _cycle(self, conn: _Conn, dev: _Device, out: list[ReadingBatch], probe: bool) -> None:
         answered = False
         failure: str | None = None
         replan = False
@@ -508,27 +568,31 @@ class ModbusSource:
         self._finish(dev, answered, failure)
 
     async def _retry_failing(
-        self, conn: _Conn, dev: _Device, out: list[Reading], *, probe: bool
+        self, conn: _Conn, dev: _Device, out: list[ReadingBatch], *, probe: bool
     ) -> tuple[bool, str | None]:
         """Read each failing field whose retry is due on its own: (any answered, failure)."""
         now = time.monotonic()
         answered = False
-        for i, f in enumerate(dev.fields):
-            if f.failing_code is None or (f.retry_at > now and not probe):
+        for i in dev.failing():
+            st = dev.field_states[i]
+            if st.retry_at > now and not probe:
                 continue
-            s = f.rf.spec
+            s = dev.fields[i]
             res = await self._read(conn, dev, s.table, s.address, s.count)
             if isinstance(res, ReadOk):
                 answered = True
-                f.failing_code = None
+                st.failing_code = None
                 log.info(
-                    "modbus_field_recovered", source=self.name, device=dev.name, series=s.series
+                    "modbus_field_recovered",
+                    source=self.name,
+                    device=dev.name,
+                    series=dev.series[i],
                 )
                 self._decode(dev, (i,), s.address, res, out, probe=probe)
             elif isinstance(res, ReadRefused):
                 answered = True
-                f.failing_code = res.code
-                f.retry_at = now + dev.cfg.failing_retry_s
+                st.failing_code = res.code
+                st.retry_at = now + dev.cfg.failing_retry_s
             else:
                 return answered, res.message
         return answered, None
@@ -538,6 +602,12 @@ class ModbusSource:
     ) -> ReadOk | ReadRefused | ReadFailed:
         dev.count("requests")
         res = await conn.link.read(table, address, count, dev.cfg.unit, dev.timeout)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled while the answer arrived: pymodbus waits with asyncio.wait_for, which
+            # on Python 3.11 then returns the answer and drops the cancellation (gh-86296).
+            # Honour it, or the connection's task would poll on and shutdown would hang.
+            raise asyncio.CancelledError
         if isinstance(res, ReadFailed):
             key = {"timeout": "timeouts", "crc_error": "crc_errors", "malformed": "malformed"}
             dev.count(key.get(res.kind, "protocol_errors"))
@@ -557,29 +627,29 @@ class ModbusSource:
         dev: _Device,
         members: list[int],
         code: int,
-        out: list[Reading],
+        out: list[ReadingBatch],
         *,
         probe: bool,
     ) -> str | None:
         """Split a refused request to find the refusing fields; returns a failure that ended it."""
         if len(members) == 1:
-            f = dev.fields[members[0]]
-            f.failing_code = code
-            f.retry_at = time.monotonic() + dev.cfg.failing_retry_s
+            st = dev.field_state(members[0])
+            st.failing_code = code
+            st.retry_at = time.monotonic() + dev.cfg.failing_retry_s
             log.warning(
                 "modbus_field_failing",
                 source=self.name,
                 device=dev.name,
-                series=f.rf.spec.series,
+                series=dev.series[members[0]],
                 error=ReadRefused(code).message,
                 retry_s=dev.cfg.failing_retry_s,
             )
             return None
-        members = sorted(members, key=lambda i: (dev.fields[i].rf.spec.address, i))
+        members = sorted(members, key=lambda i: (dev.fields[i].address, i))
         halves = (members[: len(members) // 2], members[len(members) // 2 :])
         both_ok = True
         for half in halves:
-            specs = [dev.fields[i].rf.spec for i in half]
+            specs = [dev.fields[i] for i in half]
             start = min(s.address for s in specs)
             end = max(s.end for s in specs)
             res = await self._read(conn, dev, specs[0].table, start, end - start)
@@ -595,7 +665,7 @@ class ModbusSource:
                 return res.message
         if both_ok:
             # Each half reads fine alone: the device refuses the gap between them.
-            right = dev.fields[halves[1][0]].rf.spec
+            right = dev.fields[halves[1][0]]
             dev.breaks.setdefault(right.table, set()).add(right.address)
         return None
 
@@ -605,7 +675,7 @@ class ModbusSource:
         idxs: Sequence[int],
         base: int,
         res: ReadOk,
-        out: list[Reading],
+        out: list[ReadingBatch],
         *,
         probe: bool,
     ) -> None:
@@ -613,52 +683,65 @@ class ModbusSource:
         ts = res.ts
         values = res.values
         fields = dev.fields
+        states = dev.field_states
         key = tuple(idxs)
         if key in dev.plain:
             plain = dev.plain[key]
         else:
-            plain = dev.plain[key] = _plain_pairs(fields, idxs, base)
+            plain = dev.plain[key] = _plain_pairs(dev, idxs, base)
         if plain is not None:
             # Registers that are their own values: no decoding, no checks (a uint16 is finite).
-            out.extend([Reading(series, ts, values[at]) for series, at in plain])
-            for i in idxs:
-                fields[i].problem = None
-            dev.count("readings", len(plain))
+            out.append(ReadingBatch(plain.series, ts, plain.pick(values)))
+            if states:
+                for i in idxs:
+                    if (st := states.get(i)) is not None:
+                        st.problem = None
+            dev.count("readings", len(plain.series))
             return
-        bits = fields[idxs[0]].rf.spec.table in BIT_TABLES  # a request reads one table
+        bits = fields[idxs[0]].table in BIT_TABLES  # a request reads one table
         data = b"" if bits else words_to_bytes(values)
-        n = 0
+        series = dev.series
+        names: list[str] = []
+        kept: list[Value] = []
         for i in idxs:
             f = fields[i]
-            value: Value = (
-                bool(values[f.address - base]) if bits else f.decode(data, f.address - base)
-            )
+            at = f.address - base
+            value: Value = bool(values[at]) if bits else f.decode(data, at)
             kind = type(value)
             if (kind is float and not math.isfinite(value)) or kind is str:  # type: ignore[arg-type]
                 problem = value_problem(value)
                 if problem is not None:
-                    self._reject(dev, f, problem)
+                    self._reject(dev, i, problem)
                     continue
-            f.problem = None
-            if probe or f.rf.deadband is None or f.wants(value, ts):
-                f.last_value, f.last_ts = value, ts
-                out.append(Reading(f.series, ts, value))
-                n += 1
-        dev.count("readings", n)
+            if f.deadband is None:
+                if states and (st := states.get(i)) is not None:
+                    st.problem = None
+            else:
+                st = dev.field_state(i)
+                st.problem = None
+                if not (probe or st.wants(f, value, ts)):
+                    continue
+                st.last_value, st.last_ts = value, ts
+            names.append(series[i])
+            kept.append(value)
+        if names:
+            out.append(ReadingBatch(tuple(names), ts, kept))
+        dev.count("readings", len(names))
 
-    def _reject(self, dev: _Device, f: _Field, problem: str) -> None:
-        f.problem = problem
+    def _reject(self, dev: _Device, i: int, problem: str) -> None:
+        st = dev.field_state(i)
+        st.problem = problem
         dev.count("rejected")
         self.stats.rejected += 1
-        level = log.debug if f.problem_logged else log.warning
+        level = log.debug if st.problem_logged else log.warning
         level(
             "modbus_value_rejected",
             source=self.name,
             device=dev.name,
-            series=f.rf.spec.series,
+            series=dev.series[i],
             error=problem,
         )
-        f.problem_logged = True
+        st.problem_logged = True
 
     def _finish(self, dev: _Device, answered: bool, failure: str | None) -> None:
         d = dev.detail
@@ -759,15 +842,16 @@ class ModbusSource:
                 f"  {where}: {status}; {len(dev.fields)} fields in {len(dev.plan)} requests"
             )
             lines.extend(f"    {r.series} = {r.value!r}" for r in readings)
-            for f in dev.fields:
-                if f.failing_code is not None:
-                    msg = ReadRefused(f.failing_code).message
-                    lines.append(f"    {f.rf.spec.series}: refused ({msg})")
-                    problems.append(f"{f.rf.spec.series} refused ({msg})")
-                elif f.problem is not None:
+            for k in sorted(dev.field_states):
+                st, series = dev.field_states[k], dev.series[k]
+                if st.failing_code is not None:
+                    msg = ReadRefused(st.failing_code).message
+                    lines.append(f"    {series}: refused ({msg})")
+                    problems.append(f"{series} refused ({msg})")
+                elif st.problem is not None:
                     # The device answered; the value is not one to store (NaN, bad text).
                     # Reported, not a failed probe: the running gateway counts it the same way.
-                    lines.append(f"    {f.rf.spec.series}: rejected ({f.problem})")
+                    lines.append(f"    {series}: rejected ({st.problem})")
             if problems:
                 failures.append(ProbeFailure(dev.name, "; ".join(problems)))
         return ProbeReport(tuple(lines), tuple(failures))

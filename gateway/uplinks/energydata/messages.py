@@ -7,6 +7,8 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain, groupby
+from operator import attrgetter, itemgetter
 
 from gateway.models import StoredReading, Value
 from gateway.routes import RouteTable
@@ -96,6 +98,12 @@ def build_messages(
     """
     if wire is None:
         wire = wire_table(routes, datasets)
+    fast = _build_columns(batch, wire, max_values)
+    return fast if fast is not None else _build_loop(batch, wire, max_values)
+
+
+def _build_loop(batch: Sequence[StoredReading], wire: WireTable, max_values: int) -> list[Message]:
+    """:func:`build_messages` reading by reading: any batch."""
     singles: list[tuple[int, Message]] = []
     # Per (prefix, timestamp): the suffixes, values and ids of its readings, in batch order.
     groups: dict[tuple[str, int], tuple[list[str], list[int | float | str], list[int]]] = {}
@@ -155,6 +163,55 @@ def build_messages(
             pending = later
     out.sort(key=lambda pm: pm[0])  # stable: a group's messages keep their order
     return [m for _, m in out]
+
+
+_SERIES = attrgetter("series")
+_TS = attrgetter("ts")
+_VALUE = attrgetter("value")
+_ID = attrgetter("id")
+_PREFIX, _SINGLE, _SUFFIX, _DATATYPE = (itemgetter(i) for i in range(4))
+
+
+def _build_columns(
+    batch: Sequence[StoredReading], wire: WireTable, max_values: int
+) -> list[Message] | None:
+    """:func:`build_messages` column by column for the usual batch: every value an int, every
+    datastream numeric and in a multi-value dataset, and each (prefix, timestamp) group without
+    a suffix twice. The same messages in the same order; None for any other batch (the loop
+    then handles it)."""
+    if not batch:
+        return None
+    values = list(map(_VALUE, batch))
+    if set(map(type, values)) != {int}:
+        return None
+    entries = list(map(wire.__getitem__, map(_SERIES, batch)))
+    if any(map(_SINGLE, entries)) or "string" in set(map(_DATATYPE, entries)):
+        return None
+    suffixes = list(map(_SUFFIX, entries))
+    ids = list(map(_ID, batch))
+    # Runs of one (prefix, timestamp): a poll's readings come together. A group may come back
+    # later in the batch; its runs are joined in batch order.
+    groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    lo = 0
+    for key, run in groupby(zip(map(_PREFIX, entries), map(_TS, batch), strict=True)):
+        hi = lo + len(list(run))
+        groups.setdefault(key, []).append((lo, hi))
+        lo = hi
+    out: list[Message] = []
+    for (prefix, ts), runs in groups.items():
+        if len(runs) == 1:
+            ((a, b),) = runs
+            g_suffixes, g_values, g_ids = suffixes[a:b], values[a:b], ids[a:b]
+        else:
+            g_suffixes = list(chain.from_iterable(suffixes[a:b] for a, b in runs))
+            g_values = list(chain.from_iterable(values[a:b] for a, b in runs))
+            g_ids = list(chain.from_iterable(ids[a:b] for a, b in runs))
+        if len(set(g_suffixes)) != len(g_suffixes):
+            return None
+        for i in range(0, len(g_ids), max_values):
+            j = i + max_values
+            out.append(_group_message(prefix, ts, g_suffixes[i:j], g_values[i:j], g_ids[i:j]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
