@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
-from gateway.models import Reading
+from gateway.models import Reading, ReadingBatch, Value
 
 #: One sample every this many seconds, this many kept: the last hour.
 INTERVAL_S = 10.0
@@ -72,22 +73,37 @@ class SeriesLog:
         #: series -> [source, value, ts_epoch, ring or None]
         self._last: dict[str, list[Any]] = {}
 
-    def note(self, source: str, readings: Iterable[Reading]) -> None:
+    def note(self, source: str, readings: Sequence[Reading]) -> None:
         last = self._last
-        for r in readings:
-            e = last.get(r.series)
+        pairs: Iterable[tuple[str, Value, int]]
+        if isinstance(readings, ReadingBatch):
+            # A poll: its columns, no reading made. Once the log is full only series it keeps
+            # matter, and a poll of none of them costs one set test.
+            names, ts_ms = readings.series, readings.ts
+            if len(last) >= self.max_series:
+                if last.keys().isdisjoint(names):
+                    return
+                pairs = [
+                    (n, v, ts_ms) for n, v in zip(names, readings.values, strict=True) if n in last
+                ]
+            else:
+                pairs = zip(names, readings.values, repeat(ts_ms))
+        else:
+            pairs = ((r.series, r.value, r.ts) for r in readings)
+        for series, value, ms in pairs:
+            e = last.get(series)
             if e is None:
                 if len(last) >= self.max_series:
                     continue
-                e = last[r.series] = [source, r.value, 0.0, None]
-            ts = r.ts / 1000
+                e = last[series] = [source, value, 0.0, None]
+            ts = ms / 1000
             if ts < e[2]:
                 continue  # an older reading (a logger's memory replayed): keep the latest
-            e[0], e[1], e[2] = source, r.value, ts
-            if isinstance(r.value, int | float) and not isinstance(r.value, bool):
+            e[0], e[1], e[2] = source, value, ts
+            if isinstance(value, int | float) and not isinstance(value, bool):
                 if e[3] is None:
                     e[3] = _Ring()
-                e[3].add(ts, float(r.value))
+                e[3].add(ts, float(value))
 
     def last(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``{source: {series: {"value", "ts_epoch"}}}``."""

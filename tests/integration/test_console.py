@@ -458,3 +458,23 @@ def test_history_serves_rates_and_bounded_series() -> None:
     ry = log.recent("y")
     assert ry is not None and ry["values"] == []
     assert log.recent("z") is None  # over the cap
+
+
+def test_a_poll_noted_as_a_batch_leaves_the_log_as_its_readings_one_by_one() -> None:
+    from gateway.models import ReadingBatch
+
+    polls = [
+        ReadingBatch(("x", "y", "z"), 1000, [1.5, "on", 3]),
+        ReadingBatch(("x", "w"), 500, [9.0, True]),  # x older: not its last value
+        ReadingBatch(("z", "x", "v"), 3000, [4, 2.5, 7.0]),  # the log is full: v not kept
+        ReadingBatch(("v", "u"), 4000, [1, 2]),  # none of the kept series: nothing changes
+    ]
+    whole, single = SeriesLog(max_series=4), SeriesLog(max_series=4)
+    for p in polls:
+        whole.note("a", p)
+        single.note("a", list(p))
+    assert whole.last() == single.last()
+    assert set(whole.last()["a"]) == {"x", "y", "z", "w"}
+    assert whole.last()["a"]["x"] == {"value": 2.5, "ts_epoch": 3.0}
+    for name in ("x", "y", "z", "w", "v"):
+        assert whole.recent(name) == single.recent(name)
