@@ -114,6 +114,7 @@ class UplinkRunner:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.last_delivery_at: float | None = None
+        self._first_recorded = False
         self.moved_to: str | None = None
         self.started_at = time.time()
         self.requests: dict[str, int] = {o.value: 0 for o in Outcome}
@@ -314,6 +315,8 @@ class UplinkRunner:
         if plan.members:
             self._settle_windows(plan, delivered, rejected, unfinished)
         await self.store.complete(lease, delivered, rejected, unfinished, hold_from=hold_from)
+        if delivered:
+            self._recorded_delivery()
         if plan.members:
             state = self.store.uplink_state(self.name)
             state["windows"] = self.downsampler.state()
@@ -441,9 +444,17 @@ class UplinkRunner:
             return
         if delivered:
             self._on_success()
+            self._recorded_delivery()
 
     # ------------------------------------------------------------------------------------------
     # State
+
+    def _recorded_delivery(self) -> None:
+        """Log the first delivery the store has recorded since start: an operator's (and the
+        demo test's) sign that the whole path works."""
+        if not self._first_recorded:
+            self._first_recorded = True
+            log.info("uplink_first_delivery", uplink=self.name)
 
     def _on_success(self) -> None:
         self.last_delivery_at = time.time()

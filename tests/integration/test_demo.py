@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import re
 import signal
@@ -67,6 +68,9 @@ class Demo:
         self.urls: dict[str, str] = {}
         self._new_line = asyncio.Condition()
         self._reader: asyncio.Task[None] | None = None
+        #: Uplinks whose first delivery the daemon has logged (its JSON lines on stdout).
+        self.first_deliveries: set[str] = set()
+        self._logs: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -75,11 +79,27 @@ class Demo:
             "gateway",
             "demo",
             *self.args,
-            stdout=asyncio.subprocess.DEVNULL,  # its JSON log lines
+            stdout=asyncio.subprocess.PIPE,  # its JSON log lines
             stderr=asyncio.subprocess.PIPE,  # what a person reads
             env=self.env,
         )
         self._reader = asyncio.create_task(self._read(), name="demo-stderr")
+        self._logs = asyncio.create_task(self._read_logs(), name="demo-stdout")
+
+    async def _read_logs(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "uplink_first_delivery":
+                    async with self._new_line:
+                        self.first_deliveries.add(event["uplink"])
+                        self._new_line.notify_all()
+
+    async def delivered(self, uplinks: set[str], timeout: float = 60) -> None:
+        """Return once each of ``uplinks`` has logged its first delivery."""
+        async with asyncio.timeout(timeout), self._new_line:
+            await self._new_line.wait_for(lambda: uplinks <= self.first_deliveries)
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
@@ -162,20 +182,15 @@ async def answers(url: str) -> bool:
     return True
 
 
-async def wait_delivered(base: str) -> dict[str, Any]:
+async def wait_delivered(demo: Demo, base: str) -> dict[str, Any]:
     """/status once Qatium, Vanda, Energydata and Datacooee have deliveries (NILU needs its
-    sensors' minute)."""
+    sensors' minute): the daemon logs each uplink's first delivery."""
+    names = ("qatium", "vanda", "energydata", "datacooee")
+    await demo.delivered(set(names))
     async with httpx.AsyncClient(base_url=base) as client:
-        async with asyncio.timeout(60):
-            while True:
-                status: dict[str, Any] = (await client.get("/status")).json()
-                up = status["uplinks"]
-                if all(
-                    up[n]["delivered"] > 0 for n in ("qatium", "vanda", "energydata", "datacooee")
-                ):
-                    break
-                # Polling another process's endpoint: the interval only paces the requests.
-                await asyncio.sleep(0.25)
+        status: dict[str, Any] = (await client.get("/status")).json()
+        up = status["uplinks"]
+        assert all(up[n]["delivered"] > 0 for n in names), up
         assert (await client.get("/health")).status_code == 200
     assert all(s["state"] == "ok" for s in status["sources"].values()), status["sources"]
     assert status["sources"]["substation"]["readings"] > 0  # the Modbus simulator
@@ -191,7 +206,7 @@ async def test_demo_delivers_and_stops_cleanly(tmp_path: Path) -> None:
         endpoint, _ = parse_banner(await demo.banner())
         assert endpoint[0] == ("console", f"http://127.0.0.1:{port}/")
         assert endpoint[1] == ("status", f"http://127.0.0.1:{port}/status")
-        await wait_delivered(f"http://127.0.0.1:{port}")
+        await wait_delivered(demo, f"http://127.0.0.1:{port}")
         assert await demo.stop(signal.SIGINT) == 0
     assert (state / "fieldgate.db").exists()  # a store asked for is kept
     assert demo.left_behind() == []  # the rest (ptys, broker) is gone
@@ -217,7 +232,7 @@ async def test_demo_on_busy_ports_picks_free_ones(tmp_path: Path) -> None:
             # Every URL it printed is its own: each answers, and the endpoint says it is it.
             for url in [u for _, u in endpoint[:4]] + urls:
                 assert await answers(url), url
-            status = await wait_delivered(base)
+            status = await wait_delivered(demo, base)
             assert status["health"]["url"] == base
             assert status["store"]["path"] == store
             assert await demo.stop(signal.SIGTERM) == 0

@@ -869,7 +869,7 @@ async def test_a_cancel_arriving_with_an_answer_still_stops_the_source(
         res = await original(self, *args)
         in_read.set()
         try:
-            await asyncio.sleep(60)  # the cancellation arrives here, with the answer in hand
+            await asyncio.Event().wait()  # the cancellation arrives here, with the answer in hand
         except asyncio.CancelledError:
             if not drop:
                 raise
